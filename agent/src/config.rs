@@ -1,0 +1,239 @@
+//! Effective configuration: flags, then `STALLWATCH_*` environment variables, then the config
+//! file (`--config`, TOML), then defaults. `stallwatch config dump` prints the result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Probes this build knows. Later issues add syscalls, tcp, gc.
+pub const KNOWN_PROBES: &[&str] = &["sched"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub probes: Vec<String>,
+    pub per_pid: bool,
+    #[serde(with = "humantime_serde_compat")]
+    pub exit_grace: Duration,
+    pub bpf_stats: bool,
+    pub strict: bool,
+    pub max_processes: u32,
+    pub max_threads: u32,
+    /// Ring buffer for process lifecycle events, bytes (power of two, >= page size).
+    pub event_buffer: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:9477".parse().expect("valid default"),
+            probes: vec!["sched".into()],
+            per_pid: false,
+            exit_grace: Duration::from_secs(300),
+            bpf_stats: false,
+            strict: false,
+            max_processes: 16384,
+            max_threads: 65536,
+            event_buffer: 256 * 1024,
+        }
+    }
+}
+
+/// The file form: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub probes: Option<Vec<String>>,
+    pub per_pid: Option<bool>,
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub exit_grace: Option<Duration>,
+    pub bpf_stats: Option<bool>,
+    pub strict: Option<bool>,
+    pub max_processes: Option<u32>,
+    pub max_threads: Option<u32>,
+    pub event_buffer: Option<u32>,
+}
+
+/// Flags of `stallwatch run` (and `check`); each has a STALLWATCH_* variable.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Flags {
+    /// Config file (TOML, keys as in `stallwatch config dump`).
+    #[arg(long, env = "STALLWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9477]; port 0 picks one.
+    #[arg(long, env = "STALLWATCH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Comma list of probes to run [default: sched]. Known: sched.
+    #[arg(long, env = "STALLWATCH_PROBES", value_delimiter = ',')]
+    pub probes: Option<Vec<String>>,
+    /// Add a `pid` label to per-process series (more series).
+    #[arg(long, env = "STALLWATCH_PER_PID", num_args = 0..=1, default_missing_value = "true")]
+    pub per_pid: Option<bool>,
+    /// Keep series of exited processes this long [default: 5m].
+    #[arg(long, env = "STALLWATCH_EXIT_GRACE", value_parser = humantime::parse_duration)]
+    pub exit_grace: Option<Duration>,
+    /// Enable kernel BPF run-time stats and export per-program cost.
+    #[arg(long, env = "STALLWATCH_BPF_STATS", num_args = 0..=1, default_missing_value = "true")]
+    pub bpf_stats: Option<bool>,
+    /// Exit if any requested probe cannot attach (default: run degraded, report it).
+    #[arg(long, env = "STALLWATCH_STRICT", num_args = 0..=1, default_missing_value = "true")]
+    pub strict: Option<bool>,
+    /// Per-process kernel map size [default: 16384].
+    #[arg(long, env = "STALLWATCH_MAX_PROCESSES")]
+    pub max_processes: Option<u32>,
+    /// Per-thread kernel map size [default: 65536].
+    #[arg(long, env = "STALLWATCH_MAX_THREADS")]
+    pub max_threads: Option<u32>,
+    /// Process-event ring buffer size in bytes [default: 262144].
+    #[arg(long, env = "STALLWATCH_EVENT_BUFFER")]
+    pub event_buffer: Option<u32>,
+}
+
+impl Flags {
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let c = Config {
+            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            probes: self.probes.clone().or(file.probes).unwrap_or(d.probes),
+            per_pid: self.per_pid.or(file.per_pid).unwrap_or(d.per_pid),
+            exit_grace: self.exit_grace.or(file.exit_grace).unwrap_or(d.exit_grace),
+            bpf_stats: self.bpf_stats.or(file.bpf_stats).unwrap_or(d.bpf_stats),
+            strict: self.strict.or(file.strict).unwrap_or(d.strict),
+            max_processes: self.max_processes.or(file.max_processes).unwrap_or(d.max_processes),
+            max_threads: self.max_threads.or(file.max_threads).unwrap_or(d.max_threads),
+            event_buffer: self.event_buffer.or(file.event_buffer).unwrap_or(d.event_buffer),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for p in &self.probes {
+            if !KNOWN_PROBES.contains(&p.as_str()) {
+                bail!("unknown probe {p:?} in --probes; known probes: {}", KNOWN_PROBES.join(", "));
+            }
+        }
+        if self.probes.is_empty() {
+            bail!("--probes is empty; name at least one of: {}", KNOWN_PROBES.join(", "));
+        }
+        if self.max_processes == 0 || self.max_threads == 0 {
+            bail!("--max-processes and --max-threads must be at least 1");
+        }
+        let page = 4096;
+        if self.event_buffer < page || !self.event_buffer.is_power_of_two() {
+            bail!(
+                "--event-buffer must be a power of two of at least {page} bytes, got {}",
+                self.event_buffer
+            );
+        }
+        Ok(())
+    }
+
+    pub fn probe_enabled(&self, name: &str) -> bool {
+        self.probes.iter().any(|p| p == name)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+}
+
+/// Durations as humantime strings ("5m") in TOML.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flag_over_file_over_default() {
+        let dir = std::env::temp_dir().join(format!("sw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "per-pid = true\nexit-grace = \"30s\"\nmax-threads = 10\n").unwrap();
+        let flags = Flags {
+            config: Some(file),
+            max_threads: Some(20),
+            ..Flags::default()
+        };
+        let c = flags.resolve().unwrap();
+        assert!(c.per_pid);
+        assert_eq!(c.exit_grace, Duration::from_secs(30));
+        assert_eq!(c.max_threads, 20);
+        assert_eq!(c.max_processes, 16384);
+        // The dump round-trips through the file format.
+        std::fs::write(dir.join("d.toml"), c.to_toml()).unwrap();
+        let again = Flags {
+            config: Some(dir.join("d.toml")),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(again, c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let e = Flags {
+            probes: Some(vec!["sched".into(), "bogus".into()]),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown probe \"bogus\""), "{e}");
+        let e = Flags {
+            event_buffer: Some(5000),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("--event-buffer"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sw-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("c.toml"), "no-such-key = 1\n").unwrap();
+        let e = Flags {
+            config: Some(dir.join("c.toml")),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("no-such-key"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,62 @@
+//! The eBPF object compiled into this binary.
+
+/// ELF object bytes, 8-byte aligned as aya's parser expects.
+static OBJECT: &[u8] = {
+    #[repr(C, align(8))]
+    struct Aligned<T: ?Sized>(T);
+    static ALIGNED: &Aligned<[u8]> =
+        &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/stallwatch.bpf.o")));
+    &ALIGNED.0
+};
+
+pub fn object() -> anyhow::Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        anyhow::bail!(
+            "this stallwatch binary was built without its eBPF programs; build them with \
+             `cargo xtask build-ebpf` (or `cargo xtask build`) and rebuild the agent"
+        );
+    }
+    Ok(OBJECT)
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    use stallwatch_common::names;
+
+    /// Root-free: the object baked into this binary has every program, map and global the
+    /// agent looks up by name, each in the section the loader expects.
+    #[test]
+    fn embedded_object_has_every_program_map_and_global() {
+        let data = super::OBJECT;
+        if data.is_empty() {
+            assert!(
+                std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() != Ok("1"),
+                "no eBPF object embedded; CI must run `cargo xtask build-ebpf` first"
+            );
+            eprintln!("SKIP: no eBPF object embedded (run `cargo xtask build-ebpf`)");
+            return;
+        }
+        let obj = object::File::parse(data).expect("embedded object is ELF");
+        assert_eq!(obj.architecture(), object::Architecture::Bpf);
+        let section_of = |name: &str| {
+            let sym = obj
+                .symbols()
+                .find(|s| s.name() == Ok(name))
+                .unwrap_or_else(|| panic!("{name} missing from the embedded object"));
+            let idx = sym.section_index().unwrap_or_else(|| panic!("{name} has no section"));
+            obj.section_by_index(idx).unwrap().name().unwrap().to_string()
+        };
+        for p in names::ALL_PROGRAMS {
+            let sec = section_of(p);
+            assert!(sec.starts_with("tp_btf/"), "{p} in section {sec}");
+        }
+        for m in names::ALL_MAPS {
+            assert_eq!(section_of(m), "maps", "{m}");
+        }
+        for g in [names::GLOBAL_TASK_TGID_OFFSET, names::GLOBAL_TASK_STATE_OFFSET] {
+            assert_eq!(section_of(g), ".rodata", "{g}");
+        }
+        assert!(obj.section_by_name("license").is_some());
+    }
+}

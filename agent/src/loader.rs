@@ -1,0 +1,70 @@
+//! Loads the embedded eBPF object once, with what the kernel's BTF tells us filled in.
+
+use anyhow::Context;
+use aya::{Btf, Ebpf, EbpfLoader};
+use stallwatch_common::names;
+
+use crate::btf::KernelBtf;
+use crate::config::Config;
+
+/// Kernel facts the probes need to pick program variants.
+pub struct KernelInfo {
+    /// aya's view of vmlinux BTF, to load tp_btf programs.
+    pub btf: Btf,
+    /// Our view of vmlinux BTF, for offsets and tracepoint prototypes.
+    pub kbtf: KernelBtf,
+}
+
+impl KernelInfo {
+    pub fn from_sys_fs() -> anyhow::Result<Self> {
+        let kbtf = KernelBtf::from_sys_fs().context(
+            "reading kernel BTF from /sys/kernel/btf/vmlinux (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)",
+        )?;
+        let btf = Btf::from_sys_fs().context("parsing /sys/kernel/btf/vmlinux with aya")?;
+        Ok(KernelInfo { btf, kbtf })
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising it
+/// can fail without CAP_SYS_RESOURCE, which is fine on those newer kernels.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Result<Ebpf> {
+    raise_memlock();
+    let pid_off = kernel
+        .kbtf
+        .member_offset("task_struct", "pid")
+        .context("finding task_struct.pid in kernel BTF")?;
+    let tgid_off = kernel
+        .kbtf
+        .member_offset("task_struct", "tgid")
+        .context("finding task_struct.tgid in kernel BTF")?;
+    // `__state` since v5.14, `state` before.
+    let state_off = kernel
+        .kbtf
+        .member_offset("task_struct", "__state")
+        .or_else(|_| kernel.kbtf.member_offset("task_struct", "state"))
+        .context("finding task_struct.__state in kernel BTF")?;
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(Some(&kernel.btf))
+        .override_global(names::GLOBAL_TASK_PID_OFFSET, &pid_off, true)
+        .override_global(names::GLOBAL_TASK_TGID_OFFSET, &tgid_off, true)
+        .override_global(names::GLOBAL_TASK_STATE_OFFSET, &state_off, true)
+        .map_max_entries(names::MAP_THREADS, config.max_threads)
+        .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
+        .map_max_entries(names::MAP_EVENTS, config.event_buffer);
+    loader.load(object).context("loading the eBPF object (creating maps)")
+}

@@ -1,0 +1,120 @@
+//! stallwatch: where a process's time goes when it is not doing useful work.
+
+mod aggregate;
+mod app;
+mod btf;
+mod check;
+mod config;
+mod embedded;
+mod loader;
+mod metrics;
+mod probes;
+mod procfs;
+mod server;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "stallwatch", version, about = "eBPF agent: run-queue waits, off-CPU time and other stalls, per process")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Prometheus exporter.
+    Run(config::Flags),
+    /// Load and attach every probe, report kernel, BTF, tracefs and capabilities; exit 1 naming what is missing.
+    Check(config::Flags),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (flags, STALLWATCH_* variables, file, defaults) as TOML.
+    Dump(config::Flags),
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(flags) => flags.resolve().and_then(run),
+        Command::Check(flags) => flags.resolve().map(|c| {
+            if !check::run(c) {
+                std::process::exit(1);
+            }
+        }),
+        Command::Config {
+            command: ConfigCommand::Dump(flags),
+        } => flags.resolve().map(|c| print!("{}", c.to_toml())),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stallwatch: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: config::Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: config::Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let (app, tasks) = app::App::start(config)?;
+    for p in &app.probes {
+        match &p.result {
+            Ok(progs) => log::info!("probe {} attached: {}", p.name, progs.join(", ")),
+            Err(e) => log::warn!("probe {} not attached: {e}", p.name),
+        }
+    }
+    let app = Arc::new(app);
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(app::AppCollector::new(app.clone())))
+        .context("registering the collector")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding --listen {listen}"))?;
+    log::info!("listening on {}", listener.local_addr()?);
+    let mut background = tokio::task::JoinSet::new();
+    for t in tasks {
+        background.spawn(t);
+    }
+    let server = axum::serve(listener, server::router(app.clone(), registry))
+        .with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = server => r.context("HTTP server")?,
+        Some(r) = background.join_next() => {
+            r.context("background task panicked")?.context("background task failed")?;
+        }
+    }
+    log::info!("shutting down; detaching probes");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

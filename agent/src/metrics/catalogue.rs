@@ -1,0 +1,220 @@
+//! Every metric stallwatch exports: name, type, help, labels and where the data comes from.
+//! docs/metrics.md is generated from this table (and a test keeps the two equal).
+// Labels, sources and the Markdown renderer feed the generated docs, which only tests build.
+#![cfg_attr(not(test), allow(dead_code))]
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Labels besides the per-process ones (see `per_process`).
+    pub labels: &'static [&'static str],
+    /// Carries `comm`, `cgroup` (and `pid` under `--per-pid`).
+    pub per_process: bool,
+    pub source: &'static str,
+}
+
+/// Labels every per-process series has, before `--per-pid` adds `pid`.
+pub const PROCESS_LABELS: &[&str] = &["comm", "cgroup"];
+
+pub const RUNQUEUE_LATENCY: MetricDef = MetricDef {
+    name: "stallwatch_runqueue_latency_seconds",
+    kind: Kind::Histogram,
+    help: "Time threads spent runnable but waiting for a CPU: from wakeup, or preemption while runnable, until they ran.",
+    labels: &[],
+    per_process: true,
+    source: "tp_btf/sched_wakeup, sched_wakeup_new, sched_switch",
+};
+
+pub const OFFCPU_SECONDS: MetricDef = MetricDef {
+    name: "stallwatch_offcpu_seconds_total",
+    kind: Kind::Counter,
+    help: "Time threads spent off-CPU, from switch-out to switch-in, by why they left: voluntary (S sleep), uninterruptible (D: I/O, vfork, some locks), involuntary (preempted).",
+    labels: &["reason"],
+    per_process: true,
+    source: "tp_btf/sched_switch",
+};
+
+pub const OFFCPU_DURATION: MetricDef = MetricDef {
+    name: "stallwatch_offcpu_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Distribution of single off-CPU intervals, by reason.",
+    labels: &["reason"],
+    per_process: true,
+    source: "tp_btf/sched_switch",
+};
+
+pub const CONTEXT_SWITCHES: MetricDef = MetricDef {
+    name: "stallwatch_context_switches_total",
+    kind: Kind::Counter,
+    help: "Context switches away from the process's threads, counted as the kernel counts voluntary_ctxt_switches / nonvoluntary_ctxt_switches.",
+    labels: &["kind"],
+    per_process: true,
+    source: "tp_btf/sched_switch",
+};
+
+pub const BUILD_INFO: MetricDef = MetricDef {
+    name: "stallwatch_build_info",
+    kind: Kind::Gauge,
+    help: "Always 1; labels describe the running agent.",
+    labels: &["version", "arch", "kernel"],
+    per_process: false,
+    source: "agent",
+};
+
+pub const PROBE_ATTACHED: MetricDef = MetricDef {
+    name: "stallwatch_probe_attached",
+    kind: Kind::Gauge,
+    help: "1 if the probe's programs are loaded and attached, 0 if it was requested but could not attach (see the agent log for why).",
+    labels: &["probe"],
+    per_process: false,
+    source: "agent",
+};
+
+pub const EVENTS_DROPPED: MetricDef = MetricDef {
+    name: "stallwatch_events_dropped_total",
+    kind: Kind::Counter,
+    help: "Events the agent could not account for, by probe and reason (map full, ring buffer full, missed exit...).",
+    labels: &["probe", "reason"],
+    per_process: false,
+    source: "SW_COUNTERS per-CPU array, agent",
+};
+
+pub const TRACKED_PROCESSES: MetricDef = MetricDef {
+    name: "stallwatch_tracked_processes",
+    kind: Kind::Gauge,
+    help: "Live processes the agent currently attributes data to.",
+    labels: &[],
+    per_process: false,
+    source: "agent",
+};
+
+pub const MAP_ENTRIES: MetricDef = MetricDef {
+    name: "stallwatch_bpf_map_entries",
+    kind: Kind::Gauge,
+    help: "Entries in a bounded kernel map.",
+    labels: &["map"],
+    per_process: false,
+    source: "SW_COUNTERS insert/delete counts, map iteration",
+};
+
+pub const MAP_CAPACITY: MetricDef = MetricDef {
+    name: "stallwatch_bpf_map_capacity",
+    kind: Kind::Gauge,
+    help: "max_entries of a bounded kernel map (--max-threads, --max-processes).",
+    labels: &["map"],
+    per_process: false,
+    source: "agent configuration",
+};
+
+pub const PROGRAM_RUN_SECONDS: MetricDef = MetricDef {
+    name: "stallwatch_bpf_program_run_seconds_total",
+    kind: Kind::Counter,
+    help: "Time the kernel spent running each of our BPF programs (only with --bpf-stats).",
+    labels: &["program"],
+    per_process: false,
+    source: "kernel BPF stats (BPF_ENABLE_STATS)",
+};
+
+pub const PROGRAM_RUNS: MetricDef = MetricDef {
+    name: "stallwatch_bpf_program_runs_total",
+    kind: Kind::Counter,
+    help: "Times each of our BPF programs ran (only with --bpf-stats).",
+    labels: &["program"],
+    per_process: false,
+    source: "kernel BPF stats (BPF_ENABLE_STATS)",
+};
+
+pub const ALL: &[&MetricDef] = &[
+    &RUNQUEUE_LATENCY,
+    &OFFCPU_SECONDS,
+    &OFFCPU_DURATION,
+    &CONTEXT_SWITCHES,
+    &BUILD_INFO,
+    &PROBE_ATTACHED,
+    &EVENTS_DROPPED,
+    &TRACKED_PROCESSES,
+    &MAP_ENTRIES,
+    &MAP_CAPACITY,
+    &PROGRAM_RUN_SECONDS,
+    &PROGRAM_RUNS,
+];
+
+/// The metric catalogue as Markdown (docs/metrics.md).
+pub fn markdown() -> String {
+    let mut s = String::from(
+        "# Metric catalogue\n\n\
+         Generated from `agent/src/metrics/catalogue.rs`; `cargo test` fails when this file and the \
+         code disagree (regenerate with `STALLWATCH_UPDATE_DOCS=1 cargo test -p stallwatch catalogue`).\n\n\
+         Per-process series carry `comm` and `cgroup` (the cgroup v2 path); `--per-pid` adds `pid`. \
+         Processes with the same comm in the same cgroup share a series. Durations are in seconds; \
+         histogram buckets are powers of two from 1.024 µs to 68.7 s.\n\n\
+         | name | type | labels | help | source |\n|---|---|---|---|---|\n",
+    );
+    for m in ALL {
+        let mut labels: Vec<&str> = Vec::new();
+        if m.per_process {
+            labels.extend(PROCESS_LABELS);
+        }
+        labels.extend(m.labels);
+        let labels = if labels.is_empty() {
+            "—".to_string()
+        } else {
+            labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+        };
+        s.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            labels,
+            m.help,
+            m.source
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn catalogue_doc_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+        let want = super::markdown();
+        if std::env::var_os("STALLWATCH_UPDATE_DOCS").is_some() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/metrics.md is out of date; run STALLWATCH_UPDATE_DOCS=1 cargo test -p stallwatch catalogue"
+        );
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for m in super::ALL {
+            assert!(m.name.starts_with("stallwatch_"), "{}", m.name);
+            if m.kind == super::Kind::Counter {
+                assert!(m.name.ends_with("_total"), "{}", m.name);
+            }
+        }
+    }
+}

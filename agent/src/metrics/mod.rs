@@ -1,0 +1,163 @@
+//! Snapshots in, Prometheus metric families out. Names and help come from the catalogue.
+
+pub mod catalogue;
+
+use prometheus::proto::{self, MetricFamily, MetricType};
+use stallwatch_common::{
+    hist::{bucket_upper_bound_ns, Hist, NUM_BUCKETS},
+    sched::{OffCpuReason, SchedStats},
+};
+
+use crate::aggregate::sched::SeriesKey;
+use catalogue::{Kind, MetricDef};
+
+const NS_PER_SEC: f64 = 1e9;
+
+/// Builds one metric family; metrics are added with label values in the order of the
+/// family's labels.
+pub struct Family {
+    def: &'static MetricDef,
+    family: MetricFamily,
+}
+
+fn label_pairs(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+impl Family {
+    pub fn new(def: &'static MetricDef) -> Self {
+        let mut family = MetricFamily::default();
+        family.set_name(def.name.to_string());
+        family.set_help(def.help.to_string());
+        family.set_field_type(match def.kind {
+            Kind::Counter => MetricType::COUNTER,
+            Kind::Gauge => MetricType::GAUGE,
+            Kind::Histogram => MetricType::HISTOGRAM,
+        });
+        Family { def, family }
+    }
+
+    pub fn value(&mut self, labels: &[(&str, &str)], v: f64) {
+        let mut m = proto::Metric::from_label(label_pairs(labels));
+        match self.def.kind {
+            Kind::Counter => {
+                let mut c = proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            }
+            Kind::Gauge => {
+                let mut g = proto::Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+            }
+            Kind::Histogram => unreachable!("{} is a histogram", self.def.name),
+        }
+        self.family.mut_metric().push(m);
+    }
+
+    /// A log2 kernel histogram as a cumulative Prometheus histogram in seconds.
+    pub fn histogram(&mut self, labels: &[(&str, &str)], h: &Hist) {
+        let mut out = proto::Histogram::default();
+        let mut buckets = Vec::with_capacity(NUM_BUCKETS - 1);
+        let mut cumulative = 0u64;
+        for (i, count) in h.buckets.iter().enumerate() {
+            cumulative += count;
+            if let Some(upper) = bucket_upper_bound_ns(i) {
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(upper as f64 / NS_PER_SEC);
+                b.set_cumulative_count(cumulative);
+                buckets.push(b);
+            }
+        }
+        out.set_bucket(buckets);
+        out.set_sample_count(cumulative);
+        out.set_sample_sum(h.sum_ns as f64 / NS_PER_SEC);
+        let mut m = proto::Metric::from_label(label_pairs(labels));
+        m.set_histogram(out);
+        self.family.mut_metric().push(m);
+    }
+
+    pub fn finish(self) -> Option<MetricFamily> {
+        (!self.family.get_metric().is_empty()).then_some(self.family)
+    }
+}
+
+/// The scheduler probe's per-process families.
+pub fn sched_families(series: &[(SeriesKey, SchedStats)]) -> Vec<MetricFamily> {
+    let mut runq = Family::new(&catalogue::RUNQUEUE_LATENCY);
+    let mut offcpu_total = Family::new(&catalogue::OFFCPU_SECONDS);
+    let mut offcpu_hist = Family::new(&catalogue::OFFCPU_DURATION);
+    let mut cswch = Family::new(&catalogue::CONTEXT_SWITCHES);
+    for (key, s) in series {
+        let pid = key.pid.map(|p| p.to_string());
+        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
+        if let Some(pid) = &pid {
+            labels.push(("pid", pid));
+        }
+        runq.histogram(&labels, &s.runq);
+        for reason in OffCpuReason::ALL {
+            let h = &s.offcpu[reason as usize];
+            let mut l = labels.clone();
+            l.push(("reason", reason.label()));
+            offcpu_total.value(&l, h.sum_ns as f64 / NS_PER_SEC);
+            offcpu_hist.histogram(&l, h);
+        }
+        for (kind, v) in [("voluntary", s.cswch_voluntary), ("involuntary", s.cswch_involuntary)] {
+            let mut l = labels.clone();
+            l.push(("kind", kind));
+            cswch.value(&l, v as f64);
+        }
+    }
+    [runq, offcpu_total, offcpu_hist, cswch]
+        .into_iter()
+        .filter_map(Family::finish)
+        .collect()
+}
+
+/// Prometheus text exposition of `families`.
+pub fn encode(families: &[MetricFamily]) -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(families, &mut buf)
+        .expect("text encoding into a Vec cannot fail");
+    String::from_utf8(buf).expect("text exposition is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sched_exposition_golden() {
+        let mut s = SchedStats::ZERO;
+        s.runq.observe(1500); // bucket le=2.048e-6
+        s.offcpu[OffCpuReason::Voluntary as usize].observe(50_000_000);
+        s.cswch_voluntary = 3;
+        s.cswch_involuntary = 1;
+        let key = SeriesKey {
+            comm: "worker".into(),
+            cgroup: "/system.slice/a.service".into(),
+            pid: Some(7),
+        };
+        let text = encode(&sched_families(&[(key, s)]));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/sched_exposition.txt");
+        if std::env::var_os("STALLWATCH_UPDATE_DOCS").is_some() {
+            std::fs::write(path, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(text == want, "exposition changed; got:\n{text}");
+        assert!(text.contains(
+            "stallwatch_runqueue_latency_seconds_bucket{comm=\"worker\",cgroup=\"/system.slice/a.service\",pid=\"7\",le=\"0.000002048\"} 1"
+        ));
+        assert!(text.contains("stallwatch_offcpu_seconds_total{comm=\"worker\",cgroup=\"/system.slice/a.service\",pid=\"7\",reason=\"voluntary\"} 0.05"));
+    }
+}

@@ -1,0 +1,3 @@
+//! One module per probe: it owns its programs and maps and returns plain snapshots.
+
+pub mod sched;

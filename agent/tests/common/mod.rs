@@ -1,0 +1,324 @@
+//! Kernel-test harness: start the real agent, drive a workload, scrape /metrics, read /proc.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Kernel tests measure timing; run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Returns a guard if kernel tests can run here. Without root they are skipped with a message
+/// on a developer's machine, and fail under STALLWATCH_REQUIRE_KERNEL=1 (CI).
+pub fn kernel_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
+            panic!("{test}: kernel tests are required (STALLWATCH_REQUIRE_KERNEL=1) but not running as root");
+        }
+        eprintln!("SKIP {test}: needs root to load BPF programs (run `sudo cargo xtask test`)");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(extra: &[&str]) -> Agent {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stallwatch");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("agent did not start listening; its log:\n{}", log.lock().unwrap());
+            }
+        };
+        let agent = Agent { child, addr, log };
+        let (code, body) = agent.get("/readyz");
+        assert_eq!(code, 200, "agent not ready: {body}\nlog:\n{}", agent.log());
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path)
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        Metrics::parse(&body)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn stop(mut self) -> bool {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let ok = self.child.wait().map(|s| s.success()).unwrap_or(false);
+        std::mem::forget(self);
+        ok
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// A parsed exposition: (metric name, sorted labels) -> value.
+#[derive(Debug, Default)]
+pub struct Metrics(pub BTreeMap<(String, Vec<(String, String)>), f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut m = BTreeMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n.to_string(), parse_labels(rest.trim_end_matches('}'))),
+                None => (series.to_string(), vec![]),
+            };
+            m.insert((name, labels), value);
+        }
+        Metrics(m)
+    }
+
+    /// Sum of `name` over series whose labels include every `want` pair.
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|((n, labels), _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.keys().any(|(n, _)| n == name)
+    }
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        assert_eq!(chars.next(), Some('"'));
+        let mut val = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => val.push('\n'),
+                    Some(c) => val.push(c),
+                    None => break,
+                },
+                '"' => break,
+                c => val.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_string(), val));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A running `swload` workload.
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub pid: u32,
+    /// Threads the workload says the test should read.
+    pub tids: Vec<u32>,
+}
+
+impl Workload {
+    /// Starts `swload args...` and waits (up to `timeout`) until it reports done.
+    pub fn run(args: &[&str], timeout: Duration) -> Workload {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_swload"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn swload");
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).ok();
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(timeout).expect("workload did not finish in time");
+        let tids = line
+            .strip_prefix("done")
+            .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        Workload {
+            child,
+            stdin,
+            pid,
+            tids,
+        }
+    }
+
+    pub fn pid_label(&self) -> String {
+        self.pid.to_string()
+    }
+
+    /// Lets the workload exit and reaps it.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (voluntary_ctxt_switches, nonvoluntary_ctxt_switches) of the main thread, from
+/// /proc/<pid>/status (which, despite its name, is per thread).
+pub fn ctxt_switches(pid: u32) -> (u64, u64) {
+    ctxt_switches_tid(pid, pid)
+}
+
+pub fn ctxt_switches_tid(pid: u32, tid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).expect("status");
+    let field = |k: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
+    (field("voluntary_ctxt_switches:"), field("nonvoluntary_ctxt_switches:"))
+}
+
+/// Sum of run_delay (ns; field 2 of schedstat) over the given threads.
+pub fn run_delay_ns(pid: u32, tids: &[u32]) -> u64 {
+    tids.iter()
+        .map(|tid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .expect("schedstat");
+            s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// All thread ids of a process.
+pub fn all_tids(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+pub fn assert_within(what: &str, got: f64, want: f64, rel: f64) {
+    let err = (got - want).abs() / want.abs().max(f64::MIN_POSITIVE);
+    assert!(
+        err <= rel,
+        "{what}: agent says {got}, ground truth {want} (off by {:.2}%, allowed {:.1}%)",
+        err * 100.0,
+        rel * 100.0
+    );
+}

@@ -1,0 +1,77 @@
+//! The ABI between stallwatch's kernel programs and its agent.
+//!
+//! Every struct that crosses the kernel/user boundary is defined here once, `#[repr(C)]` with
+//! explicit padding and a compile-time size check, so both sides agree byte for byte.
+//! Map and program names live here too: the agent looks them up by these constants and a
+//! root-free test checks the embedded object against them.
+#![no_std]
+
+pub mod hist;
+pub mod names;
+pub mod sched;
+
+pub use hist::{bucket_index, Hist, NUM_BUCKETS};
+
+/// Indexes into the per-CPU `SW_COUNTERS` array: drops and map bookkeeping that the kernel
+/// programs count so that nothing is lost silently.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A thread could not be tracked: the per-thread map was full.
+    ThreadMapFull = 0,
+    /// A process could not be tracked: the per-process map was full.
+    ProcMapFull = 1,
+    /// A process exit/exec event was lost: the ring buffer was full.
+    EventRingFull = 2,
+    /// Entries added to / removed from the per-thread map; the difference is its size.
+    ThreadInserted = 3,
+    ThreadDeleted = 4,
+    /// `bpf_probe_read_kernel` of a task field failed (wrong BTF offset or a racing free).
+    TaskReadFailed = 5,
+    /// A per-process entry could not be allocated (the kernel's BPF allocator cache was empty).
+    ProcAllocFailed = 6,
+}
+
+pub const NUM_COUNTERS: u32 = 7;
+
+impl Counter {
+    pub const ALL: [Counter; NUM_COUNTERS as usize] = [
+        Counter::ThreadMapFull,
+        Counter::ProcMapFull,
+        Counter::EventRingFull,
+        Counter::ThreadInserted,
+        Counter::ThreadDeleted,
+        Counter::TaskReadFailed,
+        Counter::ProcAllocFailed,
+    ];
+}
+
+/// Kind of a [`ProcEvent`].
+pub const EVENT_EXIT: u32 = 1;
+pub const EVENT_EXEC: u32 = 2;
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// A process lifecycle event, streamed through the `SW_EVENTS` ring buffer.
+///
+/// `EVENT_EXIT` is sent once per process, when its last thread exits (`group_dead`);
+/// `EVENT_EXEC` when a process replaces its image (its comm changes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// cgroup v2 id (the cgroup directory's inode number) of the process at the event.
+    pub cgroup_id: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::ProcEvent {}
+    unsafe impl aya::Pod for super::sched::SchedStats {}
+    unsafe impl aya::Pod for super::sched::ThreadState {}
+}

@@ -1,0 +1,143 @@
+//! Scheduler probe ABI: per-thread state and per-process aggregates.
+
+use crate::hist::Hist;
+
+/// Why a thread left the CPU. Indexes [`SchedStats::offcpu`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffCpuReason {
+    /// Blocked in an interruptible sleep (S), or stopped/traced: the thread chose to wait.
+    Voluntary = 0,
+    /// Blocked in an uninterruptible sleep (D): I/O, vfork wait, some locks.
+    Uninterruptible = 1,
+    /// Preempted (or yielded) while still runnable: waiting for a CPU.
+    Involuntary = 2,
+}
+
+pub const NUM_OFFCPU_REASONS: usize = 3;
+
+impl OffCpuReason {
+    pub const ALL: [OffCpuReason; NUM_OFFCPU_REASONS] = [
+        OffCpuReason::Voluntary,
+        OffCpuReason::Uninterruptible,
+        OffCpuReason::Involuntary,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            OffCpuReason::Voluntary => "voluntary",
+            OffCpuReason::Uninterruptible => "uninterruptible",
+            OffCpuReason::Involuntary => "involuntary",
+        }
+    }
+
+    /// Classifies a switch-out the way the kernel counts `nvcsw`/`nivcsw`: a switch is
+    /// voluntary when the task was not preempted and had left `TASK_RUNNING`.
+    #[inline(always)]
+    pub const fn classify(preempt: bool, prev_state: u32) -> OffCpuReason {
+        if preempt || prev_state & TASK_STATE_MASK == TASK_RUNNING {
+            OffCpuReason::Involuntary
+        } else if prev_state & TASK_UNINTERRUPTIBLE != 0 && prev_state & TASK_NOLOAD == 0 {
+            // TASK_IDLE (UNINTERRUPTIBLE|NOLOAD) is an idle kernel thread, not a D-state wait.
+            OffCpuReason::Uninterruptible
+        } else {
+            OffCpuReason::Voluntary
+        }
+    }
+}
+
+// Task state bits (include/linux/sched.h); stable since v4.14.
+pub const TASK_RUNNING: u32 = 0x0000;
+pub const TASK_UNINTERRUPTIBLE: u32 = 0x0002;
+pub const TASK_DEAD: u32 = 0x0080;
+pub const TASK_NOLOAD: u32 = 0x0400;
+/// The state bits below TASK_REPORT_MAX plus the special ones we test; higher bits are flags
+/// (TASK_FREEZABLE, TASK_RTLOCK_WAIT...) that do not change the classification.
+pub const TASK_STATE_MASK: u32 = 0x07ff;
+
+/// Per-thread scheduling state, keyed by the `task_struct` address (stable for the task's
+/// lifetime; removed when the task switches out for the last time with `TASK_DEAD`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadState {
+    /// When the thread last left the CPU; 0 while it runs (or before we first saw it leave).
+    pub offcpu_since_ns: u64,
+    /// When the thread became runnable (woken, or preempted while runnable); 0 if not waiting.
+    pub runnable_since_ns: u64,
+    pub tgid: u32,
+    /// [`OffCpuReason`] of the last switch-out.
+    pub reason: u8,
+    /// `THREAD_EXITING` once the thread passed `sched_process_exit`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const THREAD_EXITING: u8 = 1;
+
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 24);
+
+/// Per-process (tgid) scheduler aggregates, one copy per CPU. Counters only grow; the agent
+/// sums CPUs and never resets them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Run-queue latency: from wakeup (or preemption while runnable) until the thread runs.
+    pub runq: Hist,
+    /// Off-CPU time from switch-out to switch-in, indexed by [`OffCpuReason`].
+    pub offcpu: [Hist; NUM_OFFCPU_REASONS],
+    /// Switch-outs counted as the kernel counts nvcsw / nivcsw.
+    pub cswch_voluntary: u64,
+    pub cswch_involuntary: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SchedStats>() == 4 * core::mem::size_of::<Hist>() + 16);
+
+impl SchedStats {
+    pub const ZERO: SchedStats = SchedStats {
+        runq: Hist::ZERO,
+        offcpu: [Hist::ZERO; NUM_OFFCPU_REASONS],
+        cswch_voluntary: 0,
+        cswch_involuntary: 0,
+    };
+
+    pub fn add(&mut self, other: &SchedStats) {
+        self.runq.add(&other.runq);
+        for (a, b) in self.offcpu.iter_mut().zip(other.offcpu.iter()) {
+            a.add(b);
+        }
+        self.cswch_voluntary = self.cswch_voluntary.wrapping_add(other.cswch_voluntary);
+        self.cswch_involuntary = self.cswch_involuntary.wrapping_add(other.cswch_involuntary);
+    }
+
+    /// `self - base`, or `None` if any counter went backwards.
+    pub fn checked_sub(&self, base: &SchedStats) -> Option<SchedStats> {
+        Some(SchedStats {
+            runq: self.runq.checked_sub(&base.runq)?,
+            offcpu: [
+                self.offcpu[0].checked_sub(&base.offcpu[0])?,
+                self.offcpu[1].checked_sub(&base.offcpu[1])?,
+                self.offcpu[2].checked_sub(&base.offcpu[2])?,
+            ],
+            cswch_voluntary: self.cswch_voluntary.checked_sub(base.cswch_voluntary)?,
+            cswch_involuntary: self.cswch_involuntary.checked_sub(base.cswch_involuntary)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_matches_the_kernels_nvcsw_rule() {
+        use OffCpuReason::*;
+        assert_eq!(OffCpuReason::classify(true, 0x1), Involuntary);
+        assert_eq!(OffCpuReason::classify(false, TASK_RUNNING), Involuntary);
+        assert_eq!(OffCpuReason::classify(false, 0x1), Voluntary); // TASK_INTERRUPTIBLE
+        assert_eq!(OffCpuReason::classify(false, 0x2), Uninterruptible);
+        assert_eq!(OffCpuReason::classify(false, 0x102), Uninterruptible); // TASK_KILLABLE
+        assert_eq!(OffCpuReason::classify(false, 0x402), Voluntary); // TASK_IDLE
+        assert_eq!(OffCpuReason::classify(false, 0x4), Voluntary); // __TASK_STOPPED
+        assert_eq!(OffCpuReason::classify(false, 0x8002), Uninterruptible); // | TASK_FREEZABLE
+    }
+}

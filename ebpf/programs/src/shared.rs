@@ -1,0 +1,83 @@
+//! Maps and helpers every probe uses: drop counters, the process event stream, task reads.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use stallwatch_common::{Counter, ProcEvent, NUM_COUNTERS, TASK_COMM_LEN};
+
+#[map]
+static SW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Process lifecycle events; sized by the agent (`--event-buffer`).
+#[map]
+static SW_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Byte offset of `task_struct.tgid`, from kernel BTF; set by the agent before load.
+#[no_mangle]
+static TASK_TGID_OFF: u32 = 0;
+
+/// Byte offset of `task_struct.pid`, from kernel BTF.
+#[no_mangle]
+static TASK_PID_OFF: u32 = 0;
+
+/// Byte offset of `task_struct.__state` (or `state` before v5.14), from kernel BTF.
+#[no_mangle]
+static TASK_STATE_OFF: u32 = 0;
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = SW_COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot, and our programs do not nest on one CPU for these paths.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
+    let off = unsafe { core::ptr::read_volatile(offset_global) };
+    let field = task.wrapping_add(off as usize) as *const u32;
+    match unsafe { bpf_probe_read_kernel(field) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(Counter::TaskReadFailed);
+            None
+        }
+    }
+}
+
+/// `task->tgid` of any task (not only current).
+#[inline(always)]
+pub fn task_tgid(task: *const u8) -> Option<u32> {
+    read_task_u32(task, &TASK_TGID_OFF)
+}
+
+/// `task->pid` (the thread id) of any task.
+#[inline(always)]
+pub fn task_pid(task: *const u8) -> Option<u32> {
+    read_task_u32(task, &TASK_PID_OFF)
+}
+
+/// `task->__state`, for kernels whose sched_switch does not pass `prev_state`.
+#[inline(always)]
+pub fn task_state(task: *const u8) -> Option<u32> {
+    read_task_u32(task, &TASK_STATE_OFF)
+}
+
+/// Streams a lifecycle event of the current process; a full ring buffer is counted.
+#[inline(always)]
+pub fn emit_current(kind: u32, tgid: u32) {
+    let Some(mut entry) = SW_EVENTS.reserve::<ProcEvent>(0) else {
+        count(Counter::EventRingFull);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+    entry.write(ProcEvent {
+        kind,
+        tgid,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm,
+    });
+    entry.submit(0);
+}
