@@ -52,11 +52,15 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .member_offset("task_struct", "tgid")
         .context("finding task_struct.tgid in kernel BTF")?;
     // `__state` since v5.14, `state` before.
+    let state_field = if kernel.kbtf.has_member("task_struct", "__state") {
+        "__state"
+    } else {
+        "state"
+    };
     let state_off = kernel
         .kbtf
-        .member_offset("task_struct", "__state")
-        .or_else(|_| kernel.kbtf.member_offset("task_struct", "state"))
-        .context("finding task_struct.__state in kernel BTF")?;
+        .member_offset("task_struct", state_field)
+        .with_context(|| format!("finding task_struct.{state_field} in kernel BTF"))?;
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&kernel.btf))

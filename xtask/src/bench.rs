@@ -1,0 +1,273 @@
+//! `cargo xtask bench`: what the agent costs, measured side by side with its peers, written to
+//! BENCHMARKS.md with the commands that produced the numbers. Needs root.
+//!
+//! 1. BPF cost per event: kernel BPF stats (run time and count per program, via bpftool)
+//!    while `perf bench sched pipe` runs pinned to one CPU, with libbpf-tools `runqlat` and
+//!    `offcputime` attached in the same run. Context switches come from /proc/stat `ctxt`.
+//! 2. Slowdown: alternating agent-off / agent-on runs of the same pinned sched-pipe benchmark;
+//!    medians of the pairs, with the spread.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{build, cmd, root};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Agent-off/on pairs for the slowdown measurement.
+    #[arg(long, default_value_t = 7)]
+    pairs: usize,
+    /// Messages per `perf bench sched pipe` run.
+    #[arg(long, default_value_t = 200_000)]
+    loops: u64,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: String,
+}
+
+/// (run_time_ns, run_cnt) per loaded program name, from bpftool.
+fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = cmd::output(Command::new("bpftool").args(["prog", "show", "--json"]))?;
+    let progs: serde_json::Value = serde_json::from_str(&out).context("parsing bpftool output")?;
+    let mut m = BTreeMap::new();
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("?").to_string();
+        let t = p["run_time_ns"].as_u64().unwrap_or(0);
+        let c = p["run_cnt"].as_u64().unwrap_or(0);
+        let e = m.entry(name).or_insert((0, 0));
+        e.0 += t;
+        e.1 += c;
+    }
+    Ok(m)
+}
+
+fn context_switches() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no ctxt line in /proc/stat")
+}
+
+const PIPE_CPU: &str = "0";
+
+fn sched_pipe_cmd(loops: u64) -> Vec<String> {
+    ["taskset", "-c", PIPE_CPU, "perf", "bench", "sched", "pipe", "-l"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([loops.to_string()])
+        .collect()
+}
+
+/// Runs the pinned sched-pipe benchmark; returns usecs/op.
+fn sched_pipe(loops: u64) -> anyhow::Result<f64> {
+    let argv = sched_pipe_cmd(loops);
+    let out = cmd::output(Command::new(&argv[0]).args(&argv[1..]))?;
+    out.lines()
+        .find_map(|l| l.trim().strip_suffix("usecs/op"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no usecs/op in perf output:\n{out}"))
+}
+
+struct Agent(Child);
+
+impl Agent {
+    fn start(bin: &std::path::Path) -> anyhow::Result<Agent> {
+        let mut child = Command::new(bin)
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting stallwatch")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .context("stallwatch did not start listening within 60 s")?;
+        Ok(Agent(child))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// A libbpf-tools peer running in the background until dropped.
+struct Peer(Child);
+
+impl Peer {
+    fn start(argv: &[&str]) -> anyhow::Result<Peer> {
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (libbpf-tools; `cargo xtask setup`)", argv[0]))?;
+        Ok(Peer(child))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct StatsGuard(String);
+
+impl StatsGuard {
+    fn enable() -> anyhow::Result<StatsGuard> {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = std::fs::read_to_string(path).context("reading kernel.bpf_stats_enabled")?;
+        std::fs::write(path, "1").context("enabling kernel.bpf_stats_enabled (needs root)")?;
+        Ok(StatsGuard(old.trim().to_string()))
+    }
+}
+
+impl Drop for StatsGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+const OURS: &[&str] = &["sw_switch", "sw_wakeup", "sw_wakeup_new", "sw_fork", "sw_exit", "sw_exec"];
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.pairs < 1 {
+        bail!("--pairs must be at least 1");
+    }
+    crate::setup::run(true)?;
+    let bin = build::agent(&build::EbpfArgs::default(), true)?;
+    let mut report = String::new();
+    let started = Instant::now();
+    let pipe = sched_pipe_cmd(args.loops).join(" ");
+
+    // 1. Cost per event, ours and the peers', in one run.
+    let per_event = {
+        let _stats = StatsGuard::enable()?;
+        let _agent = Agent::start(&bin)?;
+        let _runqlat = Peer::start(&["runqlat", "3600"])?;
+        let _offcpu = Peer::start(&["offcputime", "3600"])?;
+        std::thread::sleep(Duration::from_secs(2)); // let the peers attach
+        let before = prog_stats()?;
+        let ctxt0 = context_switches()?;
+        let usecs = sched_pipe(args.loops)?;
+        let ctxt = context_switches()? - ctxt0;
+        let after = prog_stats()?;
+        let mut rows = Vec::new();
+        for (name, (t1, c1)) in &after {
+            let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
+            let (dt, dc) = (t1 - t0, c1 - c0);
+            if dc == 0 {
+                continue;
+            }
+            rows.push((name.clone(), dt, dc));
+        }
+        (rows, ctxt, usecs)
+    };
+    let (rows, ctxt, usecs_all) = per_event;
+    let total_ns = |filter: &dyn Fn(&str) -> bool| -> u64 {
+        rows.iter().filter(|r| filter(&r.0)).map(|r| r.1).sum()
+    };
+    let ours = total_ns(&|n| OURS.contains(&n));
+    // libbpf-tools programs keep their C function names (truncated to 15 bytes).
+    let runqlat = total_ns(&|n| n.starts_with("sched_") || n.starts_with("handle_sched"));
+    let offcpu = total_ns(&|n| n == "sched_switch" || n.starts_with("oncpu"));
+    report.push_str(&format!(
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
+         in {:.0} s. These VMs are noisy: compare numbers from the same run only.\n\n",
+        std::env::consts::ARCH,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        0.0, // filled below
+    ));
+    report.push_str(&format!(
+        "## BPF cost per event (sched probe vs libbpf-tools, same run)\n\n\
+         Workload: `{pipe}` ({ctxt} context switches system-wide, {usecs_all:.3} usecs/op with \
+         everything attached). Agent: `stallwatch run` (probes: sched); peers: `runqlat 3600`, \
+         `offcputime 3600`; kernel.bpf_stats_enabled=1; per-program run time and count from \
+         `bpftool prog show --json` before and after.\n\n\
+         | program | runs | total ns | ns/run |\n|---|---:|---:|---:|\n"
+    ));
+    for (name, dt, dc) in &rows {
+        report.push_str(&format!(
+            "| `{name}` | {dc} | {dt} | {:.1} |\n",
+            *dt as f64 / *dc as f64
+        ));
+    }
+    let per_switch = |ns: u64| ns as f64 / ctxt.max(1) as f64;
+    report.push_str(&format!(
+        "\nPer context switch (total BPF time of the tool / context switches):\n\n\
+         | tool | ns per context switch |\n|---|---:|\n\
+         | stallwatch sched (all programs) | {:.1} |\n\
+         | libbpf-tools runqlat (its sched_* programs) | {:.1} |\n\
+         | libbpf-tools offcputime | {:.1} |\n\n\
+         Targets: stallwatch ≤ 150 ns per context switch and ≤ 0.5× runqlat. \
+         Program names: ours are `sw_*`; runqlat's are `sched_wakeup`, `sched_wakeup_new`, \
+         `sched_switch` (tp_btf variants) and offcputime's `sched_switch`, so the two peers' \
+         `sched_switch` rows add up when both run; the split above attributes shared names to both.\n\n",
+        per_switch(ours),
+        per_switch(runqlat),
+        per_switch(offcpu),
+    ));
+
+    // 2. Slowdown, agent off/on alternating.
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..args.pairs {
+        off.push(sched_pipe(args.loops)?);
+        let _agent = Agent::start(&bin)?;
+        on.push(sched_pipe(args.loops)?);
+    }
+    let spread = |v: &[f64]| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (min, max)
+    };
+    let (off_min, off_max) = spread(&off);
+    let (on_min, on_max) = spread(&on);
+    let (off_med, on_med) = (median(&mut off.clone()), median(&mut on.clone()));
+    report.push_str(&format!(
+        "## Slowdown of `{pipe}`\n\n{} alternating pairs (agent off, then `stallwatch run` with the \
+         sched probe on), usecs/op:\n\n| | median | min | max |\n|---|---:|---:|---:|\n\
+         | agent off | {off_med:.3} | {off_min:.3} | {off_max:.3} |\n\
+         | agent on | {on_med:.3} | {on_min:.3} | {on_max:.3} |\n\n\
+         Slowdown of the medians: **{:.1} %** (target ≤ 8 %).\n\nRaw off: {:?}\n\nRaw on: {:?}\n",
+        args.pairs,
+        (on_med - off_med) / off_med * 100.0,
+        off,
+        on
+    ));
+    let report = report.replacen(" in 0 s.", &format!(" in {:.0} s.", started.elapsed().as_secs_f64()), 1);
+    let out = root().join(&args.out);
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    print!("{report}");
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
