@@ -78,6 +78,7 @@ impl App {
                 Ok((state, ring, progs)) => {
                     let state = Arc::new(Mutex::new(state));
                     tasks.push(Box::pin(sched::event_loop(ring, state.clone())));
+                    tasks.push(Box::pin(sched::housekeeping(state.clone())));
                     sched_state = Some(state);
                     Ok(progs)
                 }

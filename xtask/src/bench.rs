@@ -29,20 +29,27 @@ pub struct Args {
     out: String,
 }
 
-/// (run_time_ns, run_cnt) per loaded program name, from bpftool.
-fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+/// A loaded program: (name, run_time_ns, run_cnt), keyed by program id.
+type ProgStats = BTreeMap<u64, (String, u64, u64)>;
+
+fn prog_stats() -> anyhow::Result<ProgStats> {
     let out = cmd::output(Command::new("bpftool").args(["prog", "show", "--json"]))?;
     let progs: serde_json::Value = serde_json::from_str(&out).context("parsing bpftool output")?;
     let mut m = BTreeMap::new();
     for p in progs.as_array().into_iter().flatten() {
+        let Some(id) = p["id"].as_u64() else { continue };
         let name = p["name"].as_str().unwrap_or("?").to_string();
         let t = p["run_time_ns"].as_u64().unwrap_or(0);
         let c = p["run_cnt"].as_u64().unwrap_or(0);
-        let e = m.entry(name).or_insert((0, 0));
-        e.0 += t;
-        e.1 += c;
+        m.insert(id, (name, t, c));
     }
     Ok(m)
+}
+
+/// Program ids loaded since `before`: the tool just started owns them. (bpftool's `pids`
+/// field is not available everywhere, so ownership is taken from load order.)
+fn new_ids(before: &ProgStats) -> anyhow::Result<Vec<u64>> {
+    Ok(prog_stats()?.into_keys().filter(|id| !before.contains_key(id)).collect())
 }
 
 fn context_switches() -> anyhow::Result<u64> {
@@ -129,6 +136,23 @@ impl Drop for Peer {
     }
 }
 
+/// Waits (up to 30 s) until a just-started peer has loaded its programs.
+fn wait_ids(before: &ProgStats) -> anyhow::Result<Vec<u64>> {
+    let t0 = Instant::now();
+    loop {
+        let ids = new_ids(before)?;
+        if !ids.is_empty() {
+            // Give it a moment to finish attaching the rest.
+            std::thread::sleep(Duration::from_secs(1));
+            return new_ids(before);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("peer loaded no BPF program within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -156,7 +180,6 @@ impl Drop for StatsGuard {
     }
 }
 
-const OURS: &[&str] = &["sw_switch", "sw_wakeup", "sw_wakeup_new", "sw_fork", "sw_exit", "sw_exec"];
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.pairs < 1 {
@@ -169,36 +192,38 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let pipe = sched_pipe_cmd(args.loops).join(" ");
 
     // 1. Cost per event, ours and the peers', in one run.
-    let per_event = {
+    let (rows, ctxt, usecs_all) = {
         let _stats = StatsGuard::enable()?;
+        let mut owners: Vec<(&str, Vec<u64>)> = Vec::new();
+        let base = prog_stats()?;
         let _agent = Agent::start(&bin)?;
+        owners.push(("stallwatch", new_ids(&base)?));
+        let base = prog_stats()?;
         let _runqlat = Peer::start(&["runqlat", "3600"])?;
+        let ids = wait_ids(&base)?;
+        owners.push(("runqlat", ids));
+        let base = prog_stats()?;
         let _offcpu = Peer::start(&["offcputime", "3600"])?;
-        std::thread::sleep(Duration::from_secs(2)); // let the peers attach
+        let ids = wait_ids(&base)?;
+        owners.push(("offcputime", ids));
         let before = prog_stats()?;
         let ctxt0 = context_switches()?;
         let usecs = sched_pipe(args.loops)?;
         let ctxt = context_switches()? - ctxt0;
         let after = prog_stats()?;
         let mut rows = Vec::new();
-        for (name, (t1, c1)) in &after {
-            let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
-            let (dt, dc) = (t1 - t0, c1 - c0);
-            if dc == 0 {
-                continue;
+        for (tool, ids) in &owners {
+            for id in ids {
+                let (Some((name, t1, c1)), Some((_, t0, c0))) = (after.get(id), before.get(id)) else {
+                    continue;
+                };
+                rows.push((tool.to_string(), name.clone(), t1 - t0, c1 - c0));
             }
-            rows.push((name.clone(), dt, dc));
         }
         (rows, ctxt, usecs)
     };
-    let (rows, ctxt, usecs_all) = per_event;
-    let total_ns = |filter: &dyn Fn(&str) -> bool| -> u64 {
-        rows.iter().filter(|r| filter(&r.0)).map(|r| r.1).sum()
-    };
-    let ours = total_ns(&|n| OURS.contains(&n));
-    // libbpf-tools programs keep their C function names (truncated to 15 bytes).
-    let runqlat = total_ns(&|n| n.starts_with("sched_") || n.starts_with("handle_sched"));
-    let offcpu = total_ns(&|n| n == "sched_switch" || n.starts_with("oncpu"));
+    let tool_ns = |tool: &str| -> u64 { rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum() };
+    let (ours, runqlat, offcpu) = (tool_ns("stallwatch"), tool_ns("runqlat"), tool_ns("offcputime"));
     report.push_str(&format!(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
          in {:.0} s. These VMs are noisy: compare numbers from the same run only.\n\n",
@@ -213,11 +238,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          everything attached). Agent: `stallwatch run` (probes: sched); peers: `runqlat 3600`, \
          `offcputime 3600`; kernel.bpf_stats_enabled=1; per-program run time and count from \
          `bpftool prog show --json` before and after.\n\n\
-         | program | runs | total ns | ns/run |\n|---|---:|---:|---:|\n"
+         | tool | program | runs | total ns | ns/run |\n|---|---|---:|---:|---:|\n"
     ));
-    for (name, dt, dc) in &rows {
+    for (tool, name, dt, dc) in &rows {
+        if *dc == 0 {
+            continue;
+        }
         report.push_str(&format!(
-            "| `{name}` | {dc} | {dt} | {:.1} |\n",
+            "| {tool} | `{name}` | {dc} | {dt} | {:.1} |\n",
             *dt as f64 / *dc as f64
         ));
     }
@@ -226,15 +254,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "\nPer context switch (total BPF time of the tool / context switches):\n\n\
          | tool | ns per context switch |\n|---|---:|\n\
          | stallwatch sched (all programs) | {:.1} |\n\
-         | libbpf-tools runqlat (its sched_* programs) | {:.1} |\n\
+         | libbpf-tools runqlat | {:.1} |\n\
          | libbpf-tools offcputime | {:.1} |\n\n\
-         Targets: stallwatch ≤ 150 ns per context switch and ≤ 0.5× runqlat. \
-         Program names: ours are `sw_*`; runqlat's are `sched_wakeup`, `sched_wakeup_new`, \
-         `sched_switch` (tp_btf variants) and offcputime's `sched_switch`, so the two peers' \
-         `sched_switch` rows add up when both run; the split above attributes shared names to both.\n\n",
+         stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch and \
+         ≤ 0.5× runqlat. Programs are attributed to tools by load order (ids new after each \
+         tool started). Note kernel BPF stats add their own clock reads to every run.\n\n",
         per_switch(ours),
         per_switch(runqlat),
         per_switch(offcpu),
+        ours as f64 / runqlat.max(1) as f64,
     ));
 
     // 2. Slowdown, agent off/on alternating.

@@ -333,6 +333,24 @@ impl SchedState {
     }
 }
 
+/// Folds, sweeps and expires on a timer, so state stays bounded even when nobody scrapes.
+pub async fn housekeeping(state: std::sync::Arc<std::sync::Mutex<SchedState>>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            state
+                .lock()
+                .expect("sched state lock poisoned")
+                .refresh(Instant::now())
+        })
+        .await
+        .context("sched housekeeping")?;
+    }
+}
+
 /// Reads process events until the ring buffer's fd fails.
 pub async fn event_loop(
     ring: RingBuf<MapData>,
