@@ -66,7 +66,6 @@ impl App {
                     config.per_pid,
                     config.exit_grace,
                     config.max_processes,
-                    config.max_threads,
                 )?;
                 let existing = state.prepopulate()?;
                 log::debug!("pre-created {existing} per-process entries");
@@ -127,7 +126,7 @@ impl App {
             let k = s.kernel_counters();
             let p = sched::NAME;
             for (reason, v) in [
-                ("thread_map_full", k[Counter::ThreadMapFull as usize]),
+                ("thread_state_failed", k[Counter::ThreadStateFailed as usize]),
                 ("process_map_full", k[Counter::ProcMapFull as usize]),
                 ("process_alloc_failed", k[Counter::ProcAllocFailed as usize]),
                 ("event_ring_full", k[Counter::EventRingFull as usize]),
@@ -143,7 +142,6 @@ impl App {
                 .saturating_sub(k[Counter::ThreadDeleted as usize]);
             entries.value(&[("map", names::MAP_THREADS)], threads as f64);
             entries.value(&[("map", names::MAP_PROC_SCHED)], s.proc_entries() as f64);
-            capacity.value(&[("map", names::MAP_THREADS)], f64::from(s.max_threads));
             capacity.value(&[("map", names::MAP_PROC_SCHED)], f64::from(s.max_processes));
             tracked.value(&[], s.agg.tracked_processes() as f64);
         }

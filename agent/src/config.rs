@@ -22,7 +22,6 @@ pub struct Config {
     pub bpf_stats: bool,
     pub strict: bool,
     pub max_processes: u32,
-    pub max_threads: u32,
     /// Ring buffer for process lifecycle events, bytes (power of two, >= page size).
     pub event_buffer: u32,
 }
@@ -37,7 +36,6 @@ impl Default for Config {
             bpf_stats: false,
             strict: false,
             max_processes: 16384,
-            max_threads: 65536,
             event_buffer: 256 * 1024,
         }
     }
@@ -55,7 +53,6 @@ pub struct FileConfig {
     pub bpf_stats: Option<bool>,
     pub strict: Option<bool>,
     pub max_processes: Option<u32>,
-    pub max_threads: Option<u32>,
     pub event_buffer: Option<u32>,
 }
 
@@ -86,9 +83,6 @@ pub struct Flags {
     /// Per-process kernel map size [default: 16384].
     #[arg(long, env = "STALLWATCH_MAX_PROCESSES")]
     pub max_processes: Option<u32>,
-    /// Per-thread kernel map size [default: 65536].
-    #[arg(long, env = "STALLWATCH_MAX_THREADS")]
-    pub max_threads: Option<u32>,
     /// Process-event ring buffer size in bytes [default: 262144].
     #[arg(long, env = "STALLWATCH_EVENT_BUFFER")]
     pub event_buffer: Option<u32>,
@@ -114,7 +108,6 @@ impl Flags {
             bpf_stats: self.bpf_stats.or(file.bpf_stats).unwrap_or(d.bpf_stats),
             strict: self.strict.or(file.strict).unwrap_or(d.strict),
             max_processes: self.max_processes.or(file.max_processes).unwrap_or(d.max_processes),
-            max_threads: self.max_threads.or(file.max_threads).unwrap_or(d.max_threads),
             event_buffer: self.event_buffer.or(file.event_buffer).unwrap_or(d.event_buffer),
         };
         c.validate()?;
@@ -132,8 +125,8 @@ impl Config {
         if self.probes.is_empty() {
             bail!("--probes is empty; name at least one of: {}", KNOWN_PROBES.join(", "));
         }
-        if self.max_processes == 0 || self.max_threads == 0 {
-            bail!("--max-processes and --max-threads must be at least 1");
+        if self.max_processes == 0 {
+            bail!("--max-processes must be at least 1");
         }
         let page = 4096;
         if self.event_buffer < page || !self.event_buffer.is_power_of_two() {
@@ -185,17 +178,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sw-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "per-pid = true\nexit-grace = \"30s\"\nmax-threads = 10\n").unwrap();
+        std::fs::write(&file, "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n").unwrap();
         let flags = Flags {
             config: Some(file),
-            max_threads: Some(20),
+            max_processes: Some(20),
             ..Flags::default()
         };
         let c = flags.resolve().unwrap();
         assert!(c.per_pid);
         assert_eq!(c.exit_grace, Duration::from_secs(30));
-        assert_eq!(c.max_threads, 20);
-        assert_eq!(c.max_processes, 16384);
+        assert_eq!(c.max_processes, 20);
+        assert_eq!(c.event_buffer, 256 * 1024);
         // The dump round-trips through the file format.
         std::fs::write(dir.join("d.toml"), c.to_toml()).unwrap();
         let again = Flags {

@@ -67,7 +67,9 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .override_global(names::GLOBAL_TASK_PID_OFFSET, &pid_off, true)
         .override_global(names::GLOBAL_TASK_TGID_OFFSET, &tgid_off, true)
         .override_global(names::GLOBAL_TASK_STATE_OFFSET, &state_off, true)
-        .map_max_entries(names::MAP_THREADS, config.max_threads)
+        // Task-local storage (SW_THREADS) has no userspace wrapper in aya; only the kernel
+        // programs use it.
+        .allow_unsupported_maps()
         .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
         .map_max_entries(names::MAP_EVENTS, config.event_buffer);
     loader.load(object).context("loading the eBPF object (creating maps)")

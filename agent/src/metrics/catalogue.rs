@@ -119,7 +119,7 @@ pub const MAP_ENTRIES: MetricDef = MetricDef {
 pub const MAP_CAPACITY: MetricDef = MetricDef {
     name: "stallwatch_bpf_map_capacity",
     kind: Kind::Gauge,
-    help: "max_entries of a bounded kernel map (--max-threads, --max-processes).",
+    help: "max_entries of a bounded kernel map (--max-processes). SW_THREADS is task-local storage, bounded by the threads on the host.",
     labels: &["map"],
     per_process: false,
     source: "agent configuration",

@@ -118,7 +118,6 @@ pub struct SchedState {
     /// Entries in the per-process map at the last refresh.
     proc_entries: usize,
     pub max_processes: u32,
-    pub max_threads: u32,
     pub drops: UserDrops,
 }
 
@@ -137,7 +136,6 @@ impl SchedState {
         per_pid: bool,
         exit_grace: Duration,
         max_processes: u32,
-        max_threads: u32,
     ) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -158,7 +156,6 @@ impl SchedState {
                 last_sweep: Instant::now(),
                 proc_entries: 0,
                 max_processes,
-                max_threads,
                 drops: UserDrops::default(),
             },
             events,

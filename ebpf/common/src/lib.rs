@@ -17,8 +17,9 @@ pub use hist::{bucket_index, Hist, NUM_BUCKETS};
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// A thread could not be tracked: the per-thread map was full.
-    ThreadMapFull = 0,
+    /// A thread's task-local state could not be created (allocation failed, or the kernel
+    /// refused a recursive task-storage access).
+    ThreadStateFailed = 0,
     /// A process could not be tracked: the per-process map was full.
     ProcMapFull = 1,
     /// A process exit/exec event was lost: the ring buffer was full.
@@ -36,7 +37,7 @@ pub const NUM_COUNTERS: u32 = 7;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
-        Counter::ThreadMapFull,
+        Counter::ThreadStateFailed,
         Counter::ProcMapFull,
         Counter::EventRingFull,
         Counter::ThreadInserted,

@@ -55,8 +55,8 @@ pub const TASK_NOLOAD: u32 = 0x0400;
 /// (TASK_FREEZABLE, TASK_RTLOCK_WAIT...) that do not change the classification.
 pub const TASK_STATE_MASK: u32 = 0x07ff;
 
-/// Per-thread scheduling state, keyed by the `task_struct` address (stable for the task's
-/// lifetime; removed when the task switches out for the last time with `TASK_DEAD`).
+/// Per-thread scheduling state, in task-local storage (removed when the task switches out for
+/// the last time with `TASK_DEAD`, or freed with the task).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
@@ -73,6 +73,8 @@ pub struct ThreadState {
 }
 
 pub const THREAD_EXITING: u8 = 1;
+/// Set on first use; task storage hands out zeroed values, so a clear bit means "new".
+pub const THREAD_SEEN: u8 = 2;
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() == 24);
 

@@ -4,6 +4,7 @@
 
 mod sched;
 mod shared;
+mod task_storage;
 
 #[cfg(not(test))]
 #[panic_handler]

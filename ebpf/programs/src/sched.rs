@@ -7,24 +7,25 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuHashMap},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuHashMap,
     programs::BtfTracePointContext,
 };
 use stallwatch_common::{
     sched::{
-        OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING,
+        OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_SEEN,
     },
     Counter, EVENT_EXEC, EVENT_EXIT,
 };
 
 use crate::shared::{count, emit_current, task_pid, task_state, task_tgid};
+use crate::task_storage::TaskStorage;
 
 const E2BIG: i32 = 7;
 
-/// Sized by the agent (`--max-threads`); preallocated so inserts never allocate under rq lock.
-#[map]
-static SW_THREADS: HashMap<u64, ThreadState> = HashMap::with_max_entries(65536, 0);
+/// Per-thread state in task-local storage: found through the task, freed with it.
+#[btf_map]
+static SW_THREADS: TaskStorage<ThreadState> = TaskStorage::new();
 
 /// Sized by the agent (`--max-processes`). Not preallocated: a per-CPU value costs
 /// `size_of::<SchedStats>() * possible CPUs`, so only live processes should pay it.
@@ -91,10 +92,10 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
     if pid_tgid as u32 == 0 {
         return; // the idle task
     }
-    let key = prev as u64;
     if prev_state & TASK_DEAD != 0 {
-        // The task's last switch: it will never run again, so forget it.
-        if SW_THREADS.remove(key).is_ok() {
+        // The task's last switch: it will never run again, so forget it now (the kernel
+        // would free it with the task anyway; deleting keeps the entry count exact).
+        if SW_THREADS.delete(prev) {
             count(Counter::ThreadDeleted);
         }
         return;
@@ -103,32 +104,23 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
     let reason = OffCpuReason::classify(preempt, prev_state);
     let runnable_since = if matches!(reason, OffCpuReason::Involuntary) { now } else { 0 };
 
-    match SW_THREADS.get_ptr_mut(key) {
-        Some(t) => unsafe {
-            if (*t).flags & THREAD_EXITING != 0 {
-                // Past sched_process_exit: the agent may already have retired this process.
-                return;
-            }
-            (*t).offcpu_since_ns = now;
-            (*t).runnable_since_ns = runnable_since;
-            (*t).tgid = tgid;
-            (*t).reason = reason as u8;
-        },
-        None => {
-            let state = ThreadState {
-                offcpu_since_ns: now,
-                runnable_since_ns: runnable_since,
-                tgid,
-                reason: reason as u8,
-                flags: 0,
-                _pad: [0; 2],
-            };
-            if SW_THREADS.insert(key, state, u64::from(BPF_NOEXIST)).is_ok() {
-                count(Counter::ThreadInserted);
-            } else {
-                count(Counter::ThreadMapFull);
-            }
+    let Some(t) = SW_THREADS.get_or_create(prev) else {
+        count(Counter::ThreadStateFailed);
+        return;
+    };
+    unsafe {
+        if (*t).flags & THREAD_EXITING != 0 {
+            // Past sched_process_exit: the agent may already have retired this process.
+            return;
         }
+        if (*t).flags & THREAD_SEEN == 0 {
+            (*t).flags |= THREAD_SEEN;
+            count(Counter::ThreadInserted);
+        }
+        (*t).offcpu_since_ns = now;
+        (*t).runnable_since_ns = runnable_since;
+        (*t).tgid = tgid;
+        (*t).reason = reason as u8;
     }
 
     if let Some(stats) = proc_stats(tgid) {
@@ -144,7 +136,7 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
 
 #[inline(always)]
 fn switch_in(next: *const u8, now: u64) {
-    let Some(t) = SW_THREADS.get_ptr_mut(next as u64) else {
+    let Some(t) = SW_THREADS.get(next) else {
         return; // idle, or a thread we have not seen leave a CPU yet
     };
     let (offcpu_since, runnable_since, tgid, reason) = unsafe {
@@ -178,7 +170,7 @@ fn switch_in(next: *const u8, now: u64) {
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sw_wakeup(ctx: BtfTracePointContext) -> u32 {
     let task: *const u8 = ctx.arg(0);
-    if let Some(t) = SW_THREADS.get_ptr_mut(task as u64) {
+    if let Some(t) = SW_THREADS.get(task) {
         unsafe {
             // The first wakeup starts the wait; the kernel enqueues the task once.
             if (*t).runnable_since_ns == 0 && (*t).offcpu_since_ns != 0 {
@@ -197,24 +189,22 @@ pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let state = ThreadState {
-        offcpu_since_ns: 0,
-        runnable_since_ns: now,
-        tgid,
-        reason: OffCpuReason::Involuntary as u8,
-        flags: 0,
-        _pad: [0; 2],
+    let Some(t) = SW_THREADS.get_or_create(task) else {
+        count(Counter::ThreadStateFailed);
+        return 0;
     };
-    match SW_THREADS.get_ptr_mut(task as u64) {
-        // A stale entry at a recycled address: overwrite it.
-        Some(t) => unsafe { *t = state },
-        None => {
-            if SW_THREADS.insert(task as u64, state, u64::from(BPF_NOEXIST)).is_ok() {
-                count(Counter::ThreadInserted);
-            } else {
-                count(Counter::ThreadMapFull);
-            }
+    unsafe {
+        if (*t).flags & THREAD_SEEN == 0 {
+            count(Counter::ThreadInserted);
         }
+        *t = ThreadState {
+            offcpu_since_ns: 0,
+            runnable_since_ns: now,
+            tgid,
+            reason: OffCpuReason::Involuntary as u8,
+            flags: THREAD_SEEN,
+            _pad: [0; 2],
+        };
     }
     0
 }
@@ -238,7 +228,7 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p, bool group_dead); p is current.
     let task: *const u8 = ctx.arg(0);
     let group_dead: u64 = ctx.arg(1);
-    if let Some(t) = SW_THREADS.get_ptr_mut(task as u64) {
+    if let Some(t) = SW_THREADS.get(task) {
         unsafe { (*t).flags |= THREAD_EXITING };
     }
     if group_dead & 0xff != 0 {
