@@ -88,10 +88,6 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, next: *const u8) {
 
 #[inline(always)]
 fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if pid_tgid as u32 == 0 {
-        return; // the idle task
-    }
     if prev_state & TASK_DEAD != 0 {
         // The task's last switch: it will never run again, so forget it now (the kernel
         // would free it with the task anyway; deleting keeps the entry count exact).
@@ -100,28 +96,28 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
         }
         return;
     }
-    let tgid = (pid_tgid >> 32) as u32;
-    let reason = OffCpuReason::classify(preempt, prev_state);
-    let runnable_since = if matches!(reason, OffCpuReason::Involuntary) { now } else { 0 };
-
     let Some(t) = SW_THREADS.get_or_create(prev) else {
         count(Counter::ThreadStateFailed);
         return;
     };
-    unsafe {
-        if (*t).flags & THREAD_EXITING != 0 {
-            // Past sched_process_exit: the agent may already have retired this process.
-            return;
-        }
+    let reason = OffCpuReason::classify(preempt, prev_state);
+    let tgid = unsafe {
         if (*t).flags & THREAD_SEEN == 0 {
+            // A thread's tgid never changes: read it once (every helper call costs).
             (*t).flags |= THREAD_SEEN;
+            (*t).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             count(Counter::ThreadInserted);
         }
+        if (*t).flags & THREAD_EXITING != 0 || (*t).tgid == 0 {
+            // Past sched_process_exit (the agent may already have retired this process),
+            // or the idle task.
+            return;
+        }
         (*t).offcpu_since_ns = now;
-        (*t).runnable_since_ns = runnable_since;
-        (*t).tgid = tgid;
+        (*t).runnable_since_ns = if matches!(reason, OffCpuReason::Involuntary) { now } else { 0 };
         (*t).reason = reason as u8;
-    }
+        (*t).tgid
+    };
 
     if let Some(stats) = proc_stats(tgid) {
         unsafe {
