@@ -8,12 +8,10 @@ use anyhow::Context;
 use aya::Ebpf;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use stallwatch_common::{names, Counter};
-
-use crate::config::Config;
+use crate::config::{Config, KNOWN_PROBES};
 use crate::loader::{self, KernelInfo};
 use crate::metrics::{catalogue, Family};
-use crate::probes::sched::{self, SchedState};
+use crate::probes::{self, Probe, Task};
 
 #[derive(Debug, Clone)]
 pub struct ProbeStatus {
@@ -26,14 +24,11 @@ pub struct App {
     pub config: Config,
     kernel_release: String,
     pub probes: Vec<ProbeStatus>,
-    pub sched: Option<Arc<Mutex<SchedState>>>,
+    running: Vec<Box<dyn Probe>>,
     /// Owns every program and link: dropping it detaches everything.
     ebpf: Mutex<Ebpf>,
     _bpf_stats: Option<OwnedFd>,
 }
-
-/// Long-running work the caller must drive (e.g. the ring-buffer reader).
-pub type Tasks = Vec<std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>>;
 
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -44,7 +39,7 @@ pub fn kernel_release() -> String {
 impl App {
     /// Loads and attaches every requested probe. A probe that cannot attach is reported (log,
     /// `stallwatch_probe_attached`) and skipped, unless `strict` is set.
-    pub fn start(config: Config) -> anyhow::Result<(App, Tasks)> {
+    pub fn start(config: Config) -> anyhow::Result<(App, Vec<Task>)> {
         let object = crate::embedded::object()?;
         let kernel = KernelInfo::from_sys_fs()?;
         let mut ebpf = loader::load(object, &config, &kernel).map_err(crate::check::explain)?;
@@ -57,50 +52,32 @@ impl App {
             None
         };
         let mut probes = Vec::new();
-        let mut tasks: Tasks = Vec::new();
-        let mut sched_state = None;
-        if config.probe_enabled(sched::NAME) {
-            let started = (|| {
-                let (mut state, ring) = SchedState::new(
-                    &mut ebpf,
-                    config.per_pid,
-                    config.exit_grace,
-                    config.max_processes,
-                )?;
-                let existing = state.prepopulate()?;
-                log::debug!("pre-created {existing} per-process entries");
-                let progs = sched::attach(&mut ebpf, &kernel)?;
-                state.prime();
-                anyhow::Ok((state, ring, progs))
-            })();
-            let result = match started {
-                Ok((state, ring, progs)) => {
-                    let state = Arc::new(Mutex::new(state));
-                    tasks.push(Box::pin(sched::event_loop(ring, state.clone())));
-                    tasks.push(Box::pin(sched::housekeeping(state.clone())));
-                    sched_state = Some(state);
-                    Ok(progs)
+        let mut running = Vec::new();
+        let mut tasks = Vec::new();
+        for name in KNOWN_PROBES.iter().copied().filter(|p| config.probe_enabled(p)) {
+            let result = match probes::start(name, &mut ebpf, &kernel, &config) {
+                Ok(started) => {
+                    running.push(started.probe);
+                    tasks.extend(started.tasks);
+                    Ok(started.programs)
                 }
                 Err(e) => {
                     let e = crate::check::explain(e);
                     if config.strict {
-                        return Err(e.context(format!("probe {} could not attach", sched::NAME)));
+                        return Err(e.context(format!("probe {name} could not attach (--strict)")));
                     }
-                    log::error!("probe {} not attached: {e:#}", sched::NAME);
+                    log::error!("probe {name} not attached: {e:#}");
                     Err(format!("{e:#}"))
                 }
             };
-            probes.push(ProbeStatus {
-                name: sched::NAME,
-                result,
-            });
+            probes.push(ProbeStatus { name, result });
         }
         Ok((
             App {
                 config,
                 kernel_release: kernel_release(),
                 probes,
-                sched: sched_state,
+                running,
                 ebpf: Mutex::new(ebpf),
                 _bpf_stats: bpf_stats,
             },
@@ -114,36 +91,28 @@ impl App {
     }
 
     pub fn gather(&self) -> Vec<MetricFamily> {
+        let arrived = Instant::now();
         let mut out = Vec::new();
         let mut dropped = Family::new(&catalogue::EVENTS_DROPPED);
         let mut entries = Family::new(&catalogue::MAP_ENTRIES);
         let mut capacity = Family::new(&catalogue::MAP_CAPACITY);
         let mut tracked = Family::new(&catalogue::TRACKED_PROCESSES);
-        if let Some(state) = &self.sched {
-            let mut s = state.lock().expect("sched state lock poisoned");
-            s.refresh(Instant::now());
-            out.extend(s.families());
-            let k = s.kernel_counters();
-            let p = sched::NAME;
-            for (reason, v) in [
-                ("thread_state_failed", k[Counter::ThreadStateFailed as usize]),
-                ("process_map_full", k[Counter::ProcMapFull as usize]),
-                ("process_alloc_failed", k[Counter::ProcAllocFailed as usize]),
-                ("event_ring_full", k[Counter::EventRingFull as usize]),
-                ("task_read_failed", k[Counter::TaskReadFailed as usize]),
-                ("exit_missed", s.drops.exit_missed),
-                ("unattributed", s.drops.unattributed),
-                ("bad_event", s.drops.bad_event),
-                ("map_read_failed", s.drops.map_read_failed),
-            ] {
-                dropped.value(&[("probe", p), ("reason", reason)], v as f64);
+        let mut tracked_total = 0;
+        for probe in &self.running {
+            out.extend(probe.families(arrived));
+            for (reason, v) in probe.drops() {
+                dropped.value(&[("probe", probe.name()), ("reason", reason)], v as f64);
             }
-            let threads = k[Counter::ThreadInserted as usize]
-                .saturating_sub(k[Counter::ThreadDeleted as usize]);
-            entries.value(&[("map", names::MAP_THREADS)], threads as f64);
-            entries.value(&[("map", names::MAP_PROC_SCHED)], s.proc_entries() as f64);
-            capacity.value(&[("map", names::MAP_PROC_SCHED)], f64::from(s.max_processes));
-            tracked.value(&[], s.agg.tracked_processes() as f64);
+            for m in probe.maps() {
+                entries.value(&[("map", m.map)], m.entries as f64);
+                if let Some(c) = m.capacity {
+                    capacity.value(&[("map", m.map)], c as f64);
+                }
+            }
+            tracked_total = tracked_total.max(probe.tracked_processes());
+        }
+        if !self.running.is_empty() {
+            tracked.value(&[], tracked_total as f64);
         }
         let mut build = Family::new(&catalogue::BUILD_INFO);
         build.value(

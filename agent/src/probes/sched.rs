@@ -15,6 +15,7 @@ use stallwatch_common::{
 };
 
 use crate::aggregate::sched::{Identity, SchedAggregator};
+use crate::config::Config;
 use crate::loader::KernelInfo;
 use crate::metrics;
 use crate::procfs::{self, CgroupResolver};
@@ -108,7 +109,7 @@ pub struct UserDrops {
 pub struct SchedState {
     procs: PerCpuHashMap<MapData, u32, SchedStats>,
     counters: PerCpuArray<MapData, u64>,
-    pub agg: SchedAggregator,
+    agg: SchedAggregator,
     cgroups: CgroupResolver,
     proc_root: PathBuf,
     unresolved: HashMap<u32, u32>,
@@ -117,8 +118,8 @@ pub struct SchedState {
     last_sweep: Instant,
     /// Entries in the per-process map at the last refresh.
     proc_entries: usize,
-    pub max_processes: u32,
-    pub drops: UserDrops,
+    max_processes: u32,
+    drops: UserDrops,
 }
 
 fn fold_cpus(values: &[SchedStats]) -> SchedStats {
@@ -131,7 +132,7 @@ fn fold_cpus(values: &[SchedStats]) -> SchedStats {
 
 impl SchedState {
     /// Takes the probe's maps out of `ebpf`; returns the event ring for the event task.
-    pub fn new(
+    fn new(
         ebpf: &mut Ebpf,
         per_pid: bool,
         exit_grace: Duration,
@@ -305,7 +306,7 @@ impl SchedState {
     /// Creates zeroed entries for every process alive now, before the programs attach, so
     /// the first context switches after attach need no allocation in the scheduler path
     /// (the on-demand per-CPU allocator has little cached then). Returns how many.
-    pub fn prepopulate(&mut self) -> anyhow::Result<usize> {
+    fn prepopulate(&mut self) -> anyhow::Result<usize> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting possible CPUs")?;
         // BPF_NOEXIST: never overwrite an entry the programs already fill.
         const BPF_NOEXIST: u64 = 1;
@@ -325,8 +326,89 @@ impl SchedState {
     }
 
     /// Tracks the processes alive at start while their /proc entries can still be read.
-    pub fn prime(&mut self) {
+    fn prime(&mut self) {
         self.refresh(Instant::now());
+    }
+}
+
+/// The running probe, as the agent sees it.
+pub struct SchedProbe {
+    state: std::sync::Arc<std::sync::Mutex<SchedState>>,
+}
+
+impl SchedProbe {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SchedState> {
+        self.state.lock().expect("sched state lock poisoned")
+    }
+}
+
+pub fn start(ebpf: &mut Ebpf, kernel: &KernelInfo, config: &Config) -> anyhow::Result<super::Started> {
+    let (mut state, ring) =
+        SchedState::new(ebpf, config.per_pid, config.exit_grace, config.max_processes)?;
+    let existing = state.prepopulate()?;
+    log::debug!("pre-created {existing} per-process entries");
+    let programs = attach(ebpf, kernel)?;
+    state.prime();
+    let state = std::sync::Arc::new(std::sync::Mutex::new(state));
+    Ok(super::Started {
+        probe: Box::new(SchedProbe {
+            state: state.clone(),
+        }),
+        tasks: vec![
+            Box::pin(event_loop(ring, state.clone())),
+            Box::pin(housekeeping(state)),
+        ],
+        programs,
+    })
+}
+
+impl super::Probe for SchedProbe {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn families(&self, arrived: Instant) -> Vec<MetricFamily> {
+        let mut s = self.lock();
+        s.refresh(arrived);
+        s.families()
+    }
+
+    fn drops(&self) -> Vec<(&'static str, u64)> {
+        let s = self.lock();
+        let k = s.kernel_counters();
+        vec![
+            ("thread_state_failed", k[Counter::ThreadStateFailed as usize]),
+            ("process_map_full", k[Counter::ProcMapFull as usize]),
+            ("process_alloc_failed", k[Counter::ProcAllocFailed as usize]),
+            ("event_ring_full", k[Counter::EventRingFull as usize]),
+            ("task_read_failed", k[Counter::TaskReadFailed as usize]),
+            ("exit_missed", s.drops.exit_missed),
+            ("unattributed", s.drops.unattributed),
+            ("bad_event", s.drops.bad_event),
+            ("map_read_failed", s.drops.map_read_failed),
+        ]
+    }
+
+    fn maps(&self) -> Vec<super::MapFill> {
+        let s = self.lock();
+        let k = s.kernel_counters();
+        vec![
+            super::MapFill {
+                map: names::MAP_THREADS,
+                entries: k[Counter::ThreadInserted as usize]
+                    .saturating_sub(k[Counter::ThreadDeleted as usize]),
+                capacity: None,
+            },
+            super::MapFill {
+                map: names::MAP_PROC_SCHED,
+                entries: s.proc_entries() as u64,
+                capacity: Some(u64::from(s.max_processes)),
+            },
+        ]
+    }
+
+    fn tracked_processes(&self) -> usize {
+        self.lock().agg.tracked_processes()
     }
 }
 
