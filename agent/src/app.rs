@@ -4,14 +4,14 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Context;
-use aya::Ebpf;
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
 use crate::config::{Config, KNOWN_PROBES};
 use crate::loader::{self, KernelInfo};
 use crate::metrics::{catalogue, Family};
 use crate::probes::{self, Probe, Task};
+use anyhow::Context;
+use aya::Ebpf;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 
 #[derive(Debug, Clone)]
 pub struct ProbeStatus {
@@ -54,7 +54,11 @@ impl App {
         let mut probes = Vec::new();
         let mut running = Vec::new();
         let mut tasks = Vec::new();
-        for name in KNOWN_PROBES.iter().copied().filter(|p| config.probe_enabled(p)) {
+        for name in KNOWN_PROBES
+            .iter()
+            .copied()
+            .filter(|p| config.probe_enabled(p))
+        {
             let result = match probes::start(name, &mut ebpf, &kernel, &config) {
                 Ok(started) => {
                     running.push(started.probe);
@@ -125,7 +129,10 @@ impl App {
         );
         let mut attached = Family::new(&catalogue::PROBE_ATTACHED);
         for p in &self.probes {
-            attached.value(&[("probe", p.name)], if p.result.is_ok() { 1.0 } else { 0.0 });
+            attached.value(
+                &[("probe", p.name)],
+                if p.result.is_ok() { 1.0 } else { 0.0 },
+            );
         }
         out.extend(
             [build, attached, dropped, tracked, entries, capacity]
@@ -148,7 +155,10 @@ impl App {
             run_time.value(&[("program", name)], info.run_time().as_secs_f64());
             runs.value(&[("program", name)], info.run_count() as f64);
         }
-        [run_time, runs].into_iter().filter_map(Family::finish).collect()
+        [run_time, runs]
+            .into_iter()
+            .filter_map(Family::finish)
+            .collect()
     }
 }
 
@@ -162,7 +172,9 @@ impl AppCollector {
     pub fn new(app: Arc<App>) -> Self {
         let descs = catalogue::ALL
             .iter()
-            .filter_map(|m| Desc::new(m.name.into(), m.help.into(), vec![], Default::default()).ok())
+            .filter_map(|m| {
+                Desc::new(m.name.into(), m.help.into(), vec![], Default::default()).ok()
+            })
             .collect();
         AppCollector { app, descs }
     }

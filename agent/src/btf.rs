@@ -86,7 +86,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn u32(&mut self) -> Result<u32, BtfError> {
-        let end = self.pos.checked_add(4).ok_or_else(|| malformed("offset overflow"))?;
+        let end = self
+            .pos
+            .checked_add(4)
+            .ok_or_else(|| malformed("offset overflow"))?;
         let b = self
             .data
             .get(self.pos..end)
@@ -96,9 +99,15 @@ impl Reader<'_> {
     }
 
     fn skip(&mut self, n: usize) -> Result<(), BtfError> {
-        let end = self.pos.checked_add(n).ok_or_else(|| malformed("offset overflow"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or_else(|| malformed("offset overflow"))?;
         if end > self.data.len() {
-            return Err(malformed(format!("type section truncated at byte {}", self.pos)));
+            return Err(malformed(format!(
+                "type section truncated at byte {}",
+                self.pos
+            )));
         }
         self.pos = end;
         Ok(())
@@ -191,7 +200,12 @@ impl KernelBtf {
                     }
                 }
                 KIND_DATASEC | KIND_ENUM64 => r.skip(vlen * 12)?,
-                k => return Err(malformed(format!("unknown type kind {k} (type {})", types.len()))),
+                k => {
+                    return Err(malformed(format!(
+                        "unknown type kind {k} (type {})",
+                        types.len()
+                    )))
+                }
             }
             types.push(Type {
                 name_off,
@@ -242,15 +256,24 @@ impl KernelBtf {
         for _ in 0..MAX_DEPTH {
             let t = self.ty(id)?;
             match t.kind {
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => id = t.ty,
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.ty
+                }
                 _ => return Ok(id),
             }
         }
-        Err(malformed(format!("type chain from {id} too deep or cyclic")))
+        Err(malformed(format!(
+            "type chain from {id} too deep or cyclic"
+        )))
     }
 
     /// Bit offset of `member` in struct/union `id`, through anonymous members.
-    fn find_member(&self, id: u32, member: &str, depth: usize) -> Result<Option<(u32, bool)>, BtfError> {
+    fn find_member(
+        &self,
+        id: u32,
+        member: &str,
+        depth: usize,
+    ) -> Result<Option<(u32, bool)>, BtfError> {
         if depth > MAX_DEPTH {
             return Err(malformed("anonymous member nesting too deep or cyclic"));
         }
@@ -368,7 +391,13 @@ mod tests {
             let mut out = Vec::new();
             out.extend_from_slice(&MAGIC.to_le_bytes());
             out.extend_from_slice(&[1, 0]);
-            for v in [24u32, 0, self.types.len() as u32, self.types.len() as u32, self.strings.len() as u32] {
+            for v in [
+                24u32,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
             out.extend_from_slice(&self.types);
@@ -385,7 +414,11 @@ mod tests {
         b.int("int");
         b.strukt("", KIND_STRUCT, &[("pid", 1, 0, 0), ("tgid", 1, 32, 0)]);
         b.strukt("", KIND_UNION, &[("", 2, 0, 0)]);
-        b.strukt("task", KIND_STRUCT, &[("state", 1, 0, 0), ("", 3, 64, 0), ("flags", 1, 128, 3)]);
+        b.strukt(
+            "task",
+            KIND_STRUCT,
+            &[("state", 1, 0, 0), ("", 3, 64, 0), ("flags", 1, 128, 3)],
+        );
         let (p0, p1) = (b.s("ctx"), b.s("p"));
         b.raw("", KIND_FUNC_PROTO, 2, false, 0, &[p0, 0, p1, 8]);
         b.raw("", KIND_PTR, 0, false, 5, &[]);
@@ -403,10 +436,16 @@ mod tests {
         assert_eq!(btf.member_offset("task", "pid").unwrap(), 8);
         assert_eq!(btf.member_offset("task", "tgid").unwrap(), 12);
         assert!(btf.has_member("task", "tgid"));
-        assert!(matches!(btf.member_offset("task", "flags"), Err(BtfError::Bitfield { .. })));
+        assert!(matches!(
+            btf.member_offset("task", "flags"),
+            Err(BtfError::Bitfield { .. })
+        ));
         let e = btf.member_offset("task", "nope").unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
-        assert!(matches!(btf.member_offset("nothing", "x"), Err(BtfError::TypeNotFound(_))));
+        assert!(matches!(
+            btf.member_offset("nothing", "x"),
+            Err(BtfError::TypeNotFound(_))
+        ));
     }
 
     #[test]
@@ -448,7 +487,12 @@ mod tests {
         let pid = btf.member_offset("task_struct", "pid").unwrap();
         assert_eq!(btf.member_offset("task_struct", "tgid").unwrap(), pid + 4);
         assert!(btf.has_member("task_struct", "__state") || btf.has_member("task_struct", "state"));
-        let switch = btf.func_proto_param_count("btf_trace_sched_switch").unwrap();
-        assert!(switch == 4 || switch == 5, "sched_switch has {switch} params");
+        let switch = btf
+            .func_proto_param_count("btf_trace_sched_switch")
+            .unwrap();
+        assert!(
+            switch == 4 || switch == 5,
+            "sched_switch has {switch} params"
+        );
     }
 }

@@ -69,12 +69,14 @@ fn tracefs_status() -> (bool, String) {
         .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
         .status();
     match status {
-        Ok(s) if s.success() && dir.join("events").exists() => {
-            (true, "was not mounted; mounted it at /sys/kernel/tracing".into())
-        }
+        Ok(s) if s.success() && dir.join("events").exists() => (
+            true,
+            "was not mounted; mounted it at /sys/kernel/tracing".into(),
+        ),
         _ => (
             false,
-            "not mounted and could not mount it (`mount -t tracefs nodev /sys/kernel/tracing`)".into(),
+            "not mounted and could not mount it (`mount -t tracefs nodev /sys/kernel/tracing`)"
+                .into(),
         ),
     }
 }
@@ -103,7 +105,10 @@ pub fn run(mut config: Config) -> bool {
         &if btf_ok {
             format!("{} parsed", btf.display())
         } else {
-            format!("{} missing or unreadable: the kernel needs CONFIG_DEBUG_INFO_BTF=y", btf.display())
+            format!(
+                "{} missing or unreadable: the kernel needs CONFIG_DEBUG_INFO_BTF=y",
+                btf.display()
+            )
         },
     );
     let caps = effective_caps();
@@ -119,7 +124,12 @@ pub fn run(mut config: Config) -> bool {
         },
     );
     let (tracefs_ok, detail) = tracefs_status();
-    line(tracefs_ok, false, "tracefs", &format!("{detail} (not needed by tp_btf probes)"));
+    line(
+        tracefs_ok,
+        false,
+        "tracefs",
+        &format!("{detail} (not needed by tp_btf probes)"),
+    );
     let object = crate::embedded::object();
     line(
         object.is_ok(),
@@ -140,7 +150,12 @@ pub fn run(mut config: Config) -> bool {
         Ok((app, _tasks)) => {
             for p in &app.probes {
                 match &p.result {
-                    Ok(progs) => line(true, true, &format!("probe {}", p.name), &format!("attached {}", progs.join(", "))),
+                    Ok(progs) => line(
+                        true,
+                        true,
+                        &format!("probe {}", p.name),
+                        &format!("attached {}", progs.join(", ")),
+                    ),
                     Err(e) => line(false, true, &format!("probe {}", p.name), e),
                 }
             }

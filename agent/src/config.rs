@@ -107,8 +107,14 @@ impl Flags {
             exit_grace: self.exit_grace.or(file.exit_grace).unwrap_or(d.exit_grace),
             bpf_stats: self.bpf_stats.or(file.bpf_stats).unwrap_or(d.bpf_stats),
             strict: self.strict.or(file.strict).unwrap_or(d.strict),
-            max_processes: self.max_processes.or(file.max_processes).unwrap_or(d.max_processes),
-            event_buffer: self.event_buffer.or(file.event_buffer).unwrap_or(d.event_buffer),
+            max_processes: self
+                .max_processes
+                .or(file.max_processes)
+                .unwrap_or(d.max_processes),
+            event_buffer: self
+                .event_buffer
+                .or(file.event_buffer)
+                .unwrap_or(d.event_buffer),
         };
         c.validate()?;
         Ok(c)
@@ -119,11 +125,17 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         for p in &self.probes {
             if !KNOWN_PROBES.contains(&p.as_str()) {
-                bail!("unknown probe {p:?} in --probes; known probes: {}", KNOWN_PROBES.join(", "));
+                bail!(
+                    "unknown probe {p:?} in --probes; known probes: {}",
+                    KNOWN_PROBES.join(", ")
+                );
             }
         }
         if self.probes.is_empty() {
-            bail!("--probes is empty; name at least one of: {}", KNOWN_PROBES.join(", "));
+            bail!(
+                "--probes is empty; name at least one of: {}",
+                KNOWN_PROBES.join(", ")
+            );
         }
         if self.max_processes == 0 {
             bail!("--max-processes must be at least 1");
@@ -178,7 +190,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sw-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n").unwrap();
+        std::fs::write(
+            &file,
+            "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n",
+        )
+        .unwrap();
         let flags = Flags {
             config: Some(file),
             max_processes: Some(20),

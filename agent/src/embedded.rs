@@ -4,8 +4,10 @@
 static OBJECT: &[u8] = {
     #[repr(C, align(8))]
     struct Aligned<T: ?Sized>(T);
-    static ALIGNED: &Aligned<[u8]> =
-        &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/stallwatch.bpf.o")));
+    static ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
+        env!("OUT_DIR"),
+        "/stallwatch.bpf.o"
+    )));
     &ALIGNED.0
 };
 
@@ -44,8 +46,14 @@ mod tests {
                 .symbols()
                 .find(|s| s.name() == Ok(name))
                 .unwrap_or_else(|| panic!("{name} missing from the embedded object"));
-            let idx = sym.section_index().unwrap_or_else(|| panic!("{name} has no section"));
-            obj.section_by_index(idx).unwrap().name().unwrap().to_string()
+            let idx = sym
+                .section_index()
+                .unwrap_or_else(|| panic!("{name} has no section"));
+            obj.section_by_index(idx)
+                .unwrap()
+                .name()
+                .unwrap()
+                .to_string()
         };
         for p in names::ALL_PROGRAMS {
             let sec = section_of(p);
@@ -56,7 +64,10 @@ mod tests {
             let sec = section_of(m);
             assert!(sec == "maps" || sec == ".maps", "{m} in section {sec}");
         }
-        for g in [names::GLOBAL_TASK_TGID_OFFSET, names::GLOBAL_TASK_STATE_OFFSET] {
+        for g in [
+            names::GLOBAL_TASK_TGID_OFFSET,
+            names::GLOBAL_TASK_STATE_OFFSET,
+        ] {
             assert_eq!(section_of(g), ".rodata", "{g}");
         }
         assert!(obj.section_by_name("license").is_some());

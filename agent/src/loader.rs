@@ -72,5 +72,7 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .allow_unsupported_maps()
         .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
         .map_max_entries(names::MAP_EVENTS, config.event_buffer);
-    loader.load(object).context("loading the eBPF object (creating maps)")
+    loader
+        .load(object)
+        .context("loading the eBPF object (creating maps)")
 }

@@ -18,7 +18,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stallwatch", version, about = "eBPF agent: run-queue waits, off-CPU time and other stalls, per process")]
+#[command(
+    name = "stallwatch",
+    version,
+    about = "eBPF agent: run-queue waits, off-CPU time and other stalls, per process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -9,7 +9,9 @@ use crate::aggregate::sched::Identity;
 
 /// The cgroup v2 path from a /proc/<pid>/cgroup body ("0::/path" line), if there is one.
 pub fn parse_cgroup_v2(body: &str) -> Option<&str> {
-    body.lines().find_map(|l| l.strip_prefix("0::")).map(str::trim_end)
+    body.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim_end)
 }
 
 /// A comm as the kernel stores it (NUL padded) to a label value.
@@ -94,7 +96,9 @@ impl CgroupResolver {
 
     fn rescan(&mut self) {
         self.last_scan = Some(std::time::Instant::now());
-        let Some(root) = self.root.clone() else { return };
+        let Some(root) = self.root.clone() else {
+            return;
+        };
         self.by_id.clear();
         let mut stack = vec![(root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
@@ -102,14 +106,18 @@ impl CgroupResolver {
                 log::warn!("cgroup hierarchy larger than {MAX_CGROUPS} groups; stopped walking it");
                 break;
             }
-            let Ok(meta) = std::fs::metadata(&dir) else { continue };
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
             let rel = dir.strip_prefix(&root).unwrap_or(Path::new(""));
             self.by_id
                 .insert(meta.ino(), format!("/{}", rel.to_string_lossy()));
             if depth >= MAX_DEPTH {
                 continue;
             }
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push((e.path(), depth + 1));
@@ -134,9 +142,13 @@ mod tests {
 
     #[test]
     fn cgroup2_mount_point() {
-        let mi = "35 25 0:30 / /sys/fs/cgroup/memory rw,relatime shared:14 - cgroup cgroup rw,memory\n\
+        let mi =
+            "35 25 0:30 / /sys/fs/cgroup/memory rw,relatime shared:14 - cgroup cgroup rw,memory\n\
                   36 25 0:31 / /sys/fs/cgroup/unified rw,relatime shared:15 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_cgroup2_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(parse_cgroup2_mount("garbage\n - \n"), None);
     }
 

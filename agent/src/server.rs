@@ -23,7 +23,8 @@ pub fn router(app: Arc<App>, registry: Registry) -> Router {
 
 async fn metrics(State(ctx): State<Ctx>) -> impl IntoResponse {
     // Map reads are syscalls; keep them off the async workers.
-    let text = tokio::task::spawn_blocking(move || crate::metrics::encode(&ctx.registry.gather())).await;
+    let text =
+        tokio::task::spawn_blocking(move || crate::metrics::encode(&ctx.registry.gather())).await;
     match text {
         Ok(body) => (
             StatusCode::OK,
@@ -31,7 +32,11 @@ async fn metrics(State(ctx): State<Ctx>) -> impl IntoResponse {
             body,
         )
             .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("gather failed: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("gather failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 

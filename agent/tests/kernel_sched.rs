@@ -25,7 +25,10 @@ fn quiesce(pid: u32) {
         let states_ok = all_tids(pid).iter().all(|tid| {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
                 .ok()
-                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('S')))
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('S'))
+                })
                 .unwrap_or(false)
         });
         if !states_ok {
@@ -40,7 +43,9 @@ fn quiesce(pid: u32) {
 
 #[test]
 fn runqueue_latency_matches_schedstat_run_delay() {
-    let Some(_g) = kernel_or_skip("runqueue_latency_matches_schedstat_run_delay") else { return };
+    let Some(_g) = kernel_or_skip("runqueue_latency_matches_schedstat_run_delay") else {
+        return;
+    };
     let agent = Agent::start(&["--per-pid"]);
     // Three busy threads sharing one CPU for 2 s: each waits about 2/3 of the time.
     let w = Workload::run(&["spin", "3", "2000", "0"], Duration::from_secs(30));
@@ -49,17 +54,25 @@ fn runqueue_latency_matches_schedstat_run_delay() {
     let m = agent.scrape();
     let pid = w.pid_label();
     let got = m.sum(&format!("{RUNQ}_sum"), &[("pid", &pid)]);
-    assert!(truth_ns > 1e9, "workload did not contend: run_delay {truth_ns} ns");
+    assert!(
+        truth_ns > 1e9,
+        "workload did not contend: run_delay {truth_ns} ns"
+    );
     assert_within("run-queue latency sum (s)", got, truth_ns / 1e9, 0.05);
     // Involuntary off-CPU time of preempted threads is the same wait seen from the other side.
     let invol = m.sum(OFFCPU_TOTAL, &[("pid", &pid), ("reason", "involuntary")]);
-    assert!(invol > 0.9 * got && invol <= got * 1.01, "involuntary {invol} vs runq {got}");
+    assert!(
+        invol > 0.9 * got && invol <= got * 1.01,
+        "involuntary {invol} vs runq {got}"
+    );
     w.finish();
 }
 
 #[test]
 fn voluntary_sleeps_are_counted_in_the_50ms_bucket() {
-    let Some(_g) = kernel_or_skip("voluntary_sleeps_are_counted_in_the_50ms_bucket") else { return };
+    let Some(_g) = kernel_or_skip("voluntary_sleeps_are_counted_in_the_50ms_bucket") else {
+        return;
+    };
     let agent = Agent::start(&["--per-pid"]);
     let w = Workload::run(&["sleep", "20", "50"], Duration::from_secs(30));
     quiesce(w.pid);
@@ -74,27 +87,43 @@ fn voluntary_sleeps_are_counted_in_the_50ms_bucket() {
             &[("pid", &pid), ("reason", "voluntary"), ("le", &le(shift))],
         )
     };
-    assert_eq!(bucket(26) - bucket(25), 20.0, "sleeps in the bucket holding 50 ms");
+    assert_eq!(
+        bucket(26) - bucket(25),
+        20.0,
+        "sleeps in the bucket holding 50 ms"
+    );
     w.finish();
 }
 
 #[test]
 fn vfork_parent_waits_uninterruptible() {
-    let Some(_g) = kernel_or_skip("vfork_parent_waits_uninterruptible") else { return };
+    let Some(_g) = kernel_or_skip("vfork_parent_waits_uninterruptible") else {
+        return;
+    };
     let agent = Agent::start(&["--per-pid"]);
     let w = Workload::run(&["vfork", "100"], Duration::from_secs(30));
     quiesce(w.pid);
     let m = agent.scrape();
     let pid = w.pid_label();
-    let d = m.sum(OFFCPU_TOTAL, &[("pid", &pid), ("reason", "uninterruptible")]);
+    let d = m.sum(
+        OFFCPU_TOTAL,
+        &[("pid", &pid), ("reason", "uninterruptible")],
+    );
     // The child sleeps 100 ms before it exits and releases the parent; a little more for
     // the child's exit and any page-cache miss while the parent started.
-    assert!((0.1..0.11).contains(&d), "uninterruptible off-CPU {d}s, want ~0.1s");
+    assert!(
+        (0.1..0.11).contains(&d),
+        "uninterruptible off-CPU {d}s, want ~0.1s"
+    );
     // 100 ms lies in (2^26, 2^27] ns: exactly one such D wait.
     let b = |shift| {
         m.sum(
             &format!("{OFFCPU_HIST}_bucket"),
-            &[("pid", &pid), ("reason", "uninterruptible"), ("le", &le(shift))],
+            &[
+                ("pid", &pid),
+                ("reason", "uninterruptible"),
+                ("le", &le(shift)),
+            ],
         )
     };
     assert_eq!(b(27) - b(26), 1.0);
@@ -103,7 +132,9 @@ fn vfork_parent_waits_uninterruptible() {
 
 #[test]
 fn context_switches_match_proc_status() {
-    let Some(_g) = kernel_or_skip("context_switches_match_proc_status") else { return };
+    let Some(_g) = kernel_or_skip("context_switches_match_proc_status") else {
+        return;
+    };
     let agent = Agent::start(&["--per-pid"]);
     for args in [&["spin", "3", "1000", "0"][..], &["sleep", "200", "1"][..]] {
         let w = Workload::run(args, Duration::from_secs(30));
@@ -117,12 +148,28 @@ fn context_switches_match_proc_status() {
         let pid = w.pid_label();
         let got_vol = m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]);
         let got_invol = m.sum(CSWCH, &[("pid", &pid), ("kind", "involuntary")]);
-        assert!(vol + invol > 50, "{args:?}: too few switches to compare ({vol}, {invol})");
-        assert_within(&format!("{args:?} voluntary switches"), got_vol, vol as f64, 0.02);
+        assert!(
+            vol + invol > 50,
+            "{args:?}: too few switches to compare ({vol}, {invol})"
+        );
+        assert_within(
+            &format!("{args:?} voluntary switches"),
+            got_vol,
+            vol as f64,
+            0.02,
+        );
         if invol > 0 {
-            assert_within(&format!("{args:?} involuntary switches"), got_invol, invol as f64, 0.02);
+            assert_within(
+                &format!("{args:?} involuntary switches"),
+                got_invol,
+                invol as f64,
+                0.02,
+            );
         } else {
-            assert!(got_invol <= 1.0, "{args:?}: kernel counted no involuntary switch, agent {got_invol}");
+            assert!(
+                got_invol <= 1.0,
+                "{args:?}: kernel counted no involuntary switch, agent {got_invol}"
+            );
         }
         w.finish();
     }
@@ -134,7 +181,8 @@ fn map_entries(m: &Metrics, map: &str) -> f64 {
 
 #[test]
 fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
-    let Some(_g) = kernel_or_skip("churn_returns_maps_to_baseline_and_keeps_exited_contributions") else {
+    let Some(_g) = kernel_or_skip("churn_returns_maps_to_baseline_and_keeps_exited_contributions")
+    else {
         return;
     };
     let agent = Agent::start(&[]);
@@ -144,10 +192,15 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
         .unwrap();
     let before = agent.scrape();
-    let (threads0, procs0) = (map_entries(&before, "SW_THREADS"), map_entries(&before, "SW_PROC_SCHED"));
+    let (threads0, procs0) = (
+        map_entries(&before, "SW_THREADS"),
+        map_entries(&before, "SW_PROC_SCHED"),
+    );
     const N: usize = 5000;
     for _ in 0..N {
-        let st = std::process::Command::new("/bin/true").status().expect("spawn /bin/true");
+        let st = std::process::Command::new("/bin/true")
+            .status()
+            .expect("spawn /bin/true");
         assert!(st.success());
     }
     let labels = [("comm", "true"), ("cgroup", cgroup.as_str())];
@@ -167,7 +220,10 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
     );
     // Every process waited for a CPU at least once, before its first run.
     let runq_count = after.sum(&format!("{RUNQ}_count"), &labels);
-    assert!(runq_count >= N as f64, "{runq_count} run-queue waits for {N} processes");
+    assert!(
+        runq_count >= N as f64,
+        "{runq_count} run-queue waits for {N} processes"
+    );
     assert_eq!(drops, 0.0, "events dropped during churn");
     let threads1 = map_entries(&after, "SW_THREADS");
     assert!(
@@ -183,7 +239,9 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
 
 #[test]
 fn metrics_pass_promtool_and_self_metrics_are_present() {
-    let Some(_g) = kernel_or_skip("metrics_pass_promtool_and_self_metrics_are_present") else { return };
+    let Some(_g) = kernel_or_skip("metrics_pass_promtool_and_self_metrics_are_present") else {
+        return;
+    };
     let agent = Agent::start(&["--bpf-stats"]);
     // Some activity so every family has samples.
     let w = Workload::run(&["sleep", "5", "10"], Duration::from_secs(10));
@@ -200,13 +258,24 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
         String::from_utf8_lossy(std::mem::take(&mut promtool.stderr).as_slice())
     );
     let m = Metrics::parse(&body);
-    assert_eq!(m.sum("stallwatch_probe_attached", &[("probe", "sched")]), 1.0);
+    assert_eq!(
+        m.sum("stallwatch_probe_attached", &[("probe", "sched")]),
+        1.0
+    );
     assert_eq!(m.sum("stallwatch_build_info", &[]), 1.0);
     assert!(m.sum("stallwatch_tracked_processes", &[]) > 0.0);
-    assert!(m.sum("stallwatch_bpf_program_runs_total", &[("program", "sw_switch")]) > 0.0);
+    assert!(
+        m.sum(
+            "stallwatch_bpf_program_runs_total",
+            &[("program", "sw_switch")]
+        ) > 0.0
+    );
     assert!(m.sum("stallwatch_bpf_program_run_seconds_total", &[]) > 0.0);
     for probe_metric in [RUNQ, OFFCPU_HIST] {
-        assert!(m.has(&format!("{probe_metric}_bucket")), "{probe_metric} missing");
+        assert!(
+            m.has(&format!("{probe_metric}_bucket")),
+            "{probe_metric} missing"
+        );
     }
     assert_eq!(agent.get("/healthz").0, 200);
     assert_eq!(agent.get("/readyz").0, 200);
@@ -233,18 +302,67 @@ impl OutputWithStdin for std::process::Command {
 
 #[test]
 fn check_passes_as_root_and_names_a_missing_capability() {
-    let Some(_g) = kernel_or_skip("check_passes_as_root_and_names_a_missing_capability") else { return };
+    let Some(_g) = kernel_or_skip("check_passes_as_root_and_names_a_missing_capability") else {
+        return;
+    };
     let bin = env!("CARGO_BIN_EXE_stallwatch");
-    let out = std::process::Command::new(bin).arg("check").output().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("check")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "check failed as root:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "check failed as root:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("ok   probe sched"), "{text}");
     // Same binary with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN removed from the bounding set.
     let out = std::process::Command::new("setpriv")
-        .args(["--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps", "-all", bin, "check"])
+        .args([
+            "--bounding-set",
+            "-bpf,-perfmon,-sys_admin",
+            "--inh-caps",
+            "-all",
+            bin,
+            "check",
+        ])
         .output()
         .expect("setpriv (util-linux)");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "check passed without CAP_BPF:\n{text}");
-    assert!(text.contains("FAIL capabilities") && text.contains("CAP_BPF"), "{text}");
+    assert!(
+        !out.status.success(),
+        "check passed without CAP_BPF:\n{text}"
+    );
+    assert!(
+        text.contains("FAIL capabilities") && text.contains("CAP_BPF"),
+        "{text}"
+    );
+}
+
+#[test]
+fn series_of_exited_processes_are_removed_after_exit_grace() {
+    let Some(_g) = kernel_or_skip("series_of_exited_processes_are_removed_after_exit_grace") else {
+        return;
+    };
+    let agent = Agent::start(&["--per-pid", "--exit-grace", "2s"]);
+    let w = Workload::run(&["sleep", "3", "10"], Duration::from_secs(10));
+    let pid = w.pid_label();
+    let m = agent.scrape();
+    let switches = m.sum(CSWCH, &[("pid", &pid)]);
+    assert!(switches > 0.0, "no series for the live workload");
+    w.finish();
+    // Still there (and not lower) right after the exit: the grace period keeps it.
+    let m = agent.scrape();
+    assert!(m.sum(CSWCH, &[("pid", &pid)]) >= switches);
+    let gone =
+        wait_until(Duration::from_secs(10), || {
+            !agent.scrape().0.keys().any(|(n, labels)| {
+                n == CSWCH && labels.iter().any(|(k, v)| k == "pid" && *v == pid)
+            })
+        });
+    assert!(
+        gone,
+        "series of pid {pid} still exported 10 s after it exited (grace 2 s)"
+    );
 }

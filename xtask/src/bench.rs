@@ -49,7 +49,10 @@ fn prog_stats() -> anyhow::Result<ProgStats> {
 /// Program ids loaded since `before`: the tool just started owns them. (bpftool's `pids`
 /// field is not available everywhere, so ownership is taken from load order.)
 fn new_ids(before: &ProgStats) -> anyhow::Result<Vec<u64>> {
-    Ok(prog_stats()?.into_keys().filter(|id| !before.contains_key(id)).collect())
+    Ok(prog_stats()?
+        .into_keys()
+        .filter(|id| !before.contains_key(id))
+        .collect())
 }
 
 fn context_switches() -> anyhow::Result<u64> {
@@ -63,11 +66,13 @@ fn context_switches() -> anyhow::Result<u64> {
 const PIPE_CPU: &str = "0";
 
 fn sched_pipe_cmd(loops: u64) -> Vec<String> {
-    ["taskset", "-c", PIPE_CPU, "perf", "bench", "sched", "pipe", "-l"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([loops.to_string()])
-        .collect()
+    [
+        "taskset", "-c", PIPE_CPU, "perf", "bench", "sched", "pipe", "-l",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([loops.to_string()])
+    .collect()
 }
 
 /// Runs the pinned sched-pipe benchmark; returns usecs/op.
@@ -180,7 +185,6 @@ impl Drop for StatsGuard {
     }
 }
 
-
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.pairs < 1 {
         bail!("--pairs must be at least 1");
@@ -214,7 +218,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for (tool, ids) in &owners {
             for id in ids {
-                let (Some((name, t1, c1)), Some((_, t0, c0))) = (after.get(id), before.get(id)) else {
+                let (Some((name, t1, c1)), Some((_, t0, c0))) = (after.get(id), before.get(id))
+                else {
                     continue;
                 };
                 rows.push((tool.to_string(), name.clone(), t1 - t0, c1 - c0));
@@ -223,13 +228,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         (rows, ctxt, usecs)
     };
     let tool_ns = |tool: &str| -> u64 { rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum() };
-    let (ours, runqlat, offcpu) = (tool_ns("stallwatch"), tool_ns("runqlat"), tool_ns("offcputime"));
+    let (ours, runqlat, offcpu) = (
+        tool_ns("stallwatch"),
+        tool_ns("runqlat"),
+        tool_ns("offcputime"),
+    );
     report.push_str(&format!(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
          in {:.0} s. These VMs are noisy: compare numbers from the same run only.\n\n",
         std::env::consts::ARCH,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
         0.0, // filled below
     ));
     report.push_str(&format!(
@@ -292,7 +305,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         off,
         on
     ));
-    let report = report.replacen(" in 0 s.", &format!(" in {:.0} s.", started.elapsed().as_secs_f64()), 1);
+    let report = report.replacen(
+        " in 0 s.",
+        &format!(" in {:.0} s.", started.elapsed().as_secs_f64()),
+        1,
+    );
     let out = root().join(&args.out);
     std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
     print!("{report}");

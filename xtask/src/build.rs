@@ -64,7 +64,14 @@ pub fn ebpf(args: &EbpfArgs) -> anyhow::Result<PathBuf> {
     let mut build = Command::new("cargo");
     build
         .current_dir(root.join("ebpf/programs"))
-        .args(["+nightly", "build", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "build",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         // The parent runs under stable cargo; none of its toolchain settings may leak in.
@@ -84,7 +91,10 @@ pub fn ebpf(args: &EbpfArgs) -> anyhow::Result<PathBuf> {
         build.arg("--release");
     }
     cmd::run(&mut build)?;
-    let built = target_dir.join("bpfel-unknown-none").join(profile).join("stallwatch-ebpf");
+    let built = target_dir
+        .join("bpfel-unknown-none")
+        .join(profile)
+        .join("stallwatch-ebpf");
     let out_dir = root.join("target/ebpf").join(arch.as_str());
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("stallwatch.bpf.o");
@@ -112,5 +122,7 @@ pub fn agent(args: &EbpfArgs, release: bool) -> anyhow::Result<PathBuf> {
         build.arg("--release");
     }
     cmd::run(&mut build)?;
-    Ok(dir.join(if release { "release" } else { "debug" }).join("stallwatch"))
+    Ok(dir
+        .join(if release { "release" } else { "debug" })
+        .join("stallwatch"))
 }

@@ -70,7 +70,11 @@ fn main() -> anyhow::Result<()> {
         Command::Run { args } => {
             setup::run(false)?;
             let bin = build::agent(&build::EbpfArgs::default(), true)?;
-            let args = if args.is_empty() { vec!["run".to_string()] } else { args };
+            let args = if args.is_empty() {
+                vec!["run".to_string()]
+            } else {
+                args
+            };
             cmd::exec(std::process::Command::new(bin).args(args))
         }
         Command::Test { no_setup, args } => {

@@ -79,7 +79,11 @@ pub fn nightly_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
 }
 
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
@@ -91,7 +95,13 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");
     } else {
-        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if bpf_linker().is_some() {
         eprintln!("ok: bpf-linker");
@@ -102,7 +112,15 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
             Command::new("cargo")
                 .env("LLVM_PREFIX", LLVM_PREFIX)
                 .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
-                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"]),
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ]),
         )?;
     }
     Ok(())

@@ -115,7 +115,10 @@ impl SchedAggregator {
                 if stats.checked_sub(&t.latest).is_none() {
                     // Went backwards since the last read: the entry was recreated. Keep what
                     // the old one had, start over from zero.
-                    let old = t.latest.checked_sub(&t.baseline).unwrap_or(SchedStats::ZERO);
+                    let old = t
+                        .latest
+                        .checked_sub(&t.baseline)
+                        .unwrap_or(SchedStats::ZERO);
                     let key = t.key.clone();
                     t.baseline = SchedStats::ZERO;
                     t.latest = *stats;
@@ -220,13 +223,11 @@ impl SchedAggregator {
 
     /// Current value of every series, sorted by key for stable output.
     pub fn series(&self) -> Vec<(SeriesKey, SchedStats)> {
-        let mut out: HashMap<&SeriesKey, SchedStats> = self
-            .series
-            .iter()
-            .map(|(k, s)| (k, s.retired))
-            .collect();
+        let mut out: HashMap<&SeriesKey, SchedStats> =
+            self.series.iter().map(|(k, s)| (k, s.retired)).collect();
         for t in self.tracked.values() {
-            if let (Some(v), Some(delta)) = (out.get_mut(&t.key), t.latest.checked_sub(&t.baseline)) {
+            if let (Some(v), Some(delta)) = (out.get_mut(&t.key), t.latest.checked_sub(&t.baseline))
+            {
                 v.add(&delta);
             }
         }
@@ -266,7 +267,9 @@ mod tests {
     fn processes_with_one_comm_share_a_series_and_exits_do_not_go_backwards() {
         let t0 = Instant::now();
         let mut agg = SchedAggregator::new(false, Duration::from_secs(300));
-        agg.update(&[(10, stats(5, 0)), (11, stats(7, 0))], |_| Some(id("worker")));
+        agg.update(&[(10, stats(5, 0)), (11, stats(7, 0))], |_| {
+            Some(id("worker"))
+        });
         assert_eq!(only(&agg).cswch_voluntary, 12);
         // 10 exits with a final value above its last read; 11 keeps going.
         agg.on_exit(10, Some(stats(6, 0)), id("ignored"), t0);
@@ -278,7 +281,9 @@ mod tests {
     #[test]
     fn per_pid_splits_series() {
         let mut agg = SchedAggregator::new(true, Duration::from_secs(300));
-        agg.update(&[(10, stats(5, 0)), (11, stats(7, 0))], |_| Some(id("worker")));
+        agg.update(&[(10, stats(5, 0)), (11, stats(7, 0))], |_| {
+            Some(id("worker"))
+        });
         let s = agg.series();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].0.pid, Some(10));
@@ -307,7 +312,13 @@ mod tests {
         agg.update(&[(10, stats(8, 0))], |_| unreachable!());
         let s = agg.series();
         assert_eq!(s.len(), 2);
-        let by = |c: &str| s.iter().find(|(k, _)| k.comm == c).unwrap().1.cswch_voluntary;
+        let by = |c: &str| {
+            s.iter()
+                .find(|(k, _)| k.comm == c)
+                .unwrap()
+                .1
+                .cswch_voluntary
+        };
         assert_eq!(by("bash"), 5);
         assert_eq!(by("sleep"), 3);
     }

@@ -19,7 +19,9 @@ fn usage() -> ! {
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
-    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| usage())
+    args.get(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage())
 }
 
 fn gettid() -> i32 {
@@ -33,7 +35,10 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("swload: sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+            eprintln!(
+                "swload: sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
             std::process::exit(1);
         }
     }
@@ -87,7 +92,9 @@ fn main() {
                         let t0 = Instant::now();
                         let mut x = 0u64;
                         while t0.elapsed() < Duration::from_millis(ms) {
-                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                            );
                         }
                         finished.wait();
                         release.wait();
@@ -111,7 +118,14 @@ fn main() {
             // so Rust's returns-twice hazard of vfork() does not apply.
             // SAFETY: raw clone with no stack/tls arguments behaves like fork.
             let pid = unsafe {
-                libc::syscall(libc::SYS_clone, (libc::CLONE_VFORK | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+                libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_VFORK | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
             } as libc::pid_t;
             if pid == 0 {
                 let ts = libc::timespec {

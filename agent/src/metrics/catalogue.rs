@@ -178,7 +178,11 @@ pub fn markdown() -> String {
         let labels = if labels.is_empty() {
             "—".to_string()
         } else {
-            labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+            labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         s.push_str(&format!(
             "| `{}` | {} | {} | {} | {} |\n",

@@ -110,7 +110,10 @@ pub fn sched_families(series: &[(SeriesKey, SchedStats)]) -> Vec<MetricFamily> {
             offcpu_total.value(&l, h.sum_ns as f64 / NS_PER_SEC);
             offcpu_hist.histogram(&l, h);
         }
-        for (kind, v) in [("voluntary", s.cswch_voluntary), ("involuntary", s.cswch_involuntary)] {
+        for (kind, v) in [
+            ("voluntary", s.cswch_voluntary),
+            ("involuntary", s.cswch_involuntary),
+        ] {
             let mut l = labels.clone();
             l.push(("kind", kind));
             cswch.value(&l, v as f64);
@@ -149,7 +152,10 @@ mod tests {
             pid: Some(7),
         };
         let text = encode(&sched_families(&[(key, s)]));
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/sched_exposition.txt");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/sched_exposition.txt"
+        );
         if std::env::var_os("STALLWATCH_UPDATE_DOCS").is_some() {
             std::fs::write(path, &text).unwrap();
         }

@@ -42,7 +42,12 @@ pub struct Started {
 }
 
 /// Starts probe `name`: takes its maps from `ebpf`, attaches its programs.
-pub fn start(name: &str, ebpf: &mut Ebpf, kernel: &KernelInfo, config: &Config) -> anyhow::Result<Started> {
+pub fn start(
+    name: &str,
+    ebpf: &mut Ebpf,
+    kernel: &KernelInfo,
+    config: &Config,
+) -> anyhow::Result<Started> {
     match name {
         sched::NAME => sched::start(ebpf, kernel, config),
         other => anyhow::bail!("no probe named {other:?}"),

@@ -37,12 +37,21 @@ pub struct Plan {
 impl Plan {
     pub fn for_kernel(kernel: &KernelInfo) -> anyhow::Result<Plan> {
         // btf_trace_* prototypes start with the `void *` context argument.
-        let switch = match kernel.kbtf.func_proto_param_count("btf_trace_sched_switch")? {
+        let switch = match kernel
+            .kbtf
+            .func_proto_param_count("btf_trace_sched_switch")?
+        {
             5 => names::PROG_SWITCH,
             4 => names::PROG_SWITCH_V1,
-            n => bail!("unsupported sched_switch tracepoint prototype ({} arguments)", n - 1),
+            n => bail!(
+                "unsupported sched_switch tracepoint prototype ({} arguments)",
+                n - 1
+            ),
         };
-        let exit = match kernel.kbtf.func_proto_param_count("btf_trace_sched_process_exit") {
+        let exit = match kernel
+            .kbtf
+            .func_proto_param_count("btf_trace_sched_process_exit")
+        {
             Ok(3) => Some(names::PROG_EXIT),
             _ => None,
         };
@@ -307,12 +316,17 @@ impl SchedState {
     /// the first context switches after attach need no allocation in the scheduler path
     /// (the on-demand per-CPU allocator has little cached then). Returns how many.
     fn prepopulate(&mut self) -> anyhow::Result<usize> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting possible CPUs")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting possible CPUs")?;
         // BPF_NOEXIST: never overwrite an entry the programs already fill.
         const BPF_NOEXIST: u64 = 1;
         let mut n = 0;
         for entry in std::fs::read_dir(&self.proc_root).context("listing /proc")? {
-            let Some(tgid) = entry.ok().and_then(|e| e.file_name().to_str()?.parse::<u32>().ok()) else {
+            let Some(tgid) = entry
+                .ok()
+                .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            else {
                 continue;
             };
             let zero = aya::maps::PerCpuValues::try_from(vec![SchedStats::ZERO; cpus])?;
@@ -342,9 +356,17 @@ impl SchedProbe {
     }
 }
 
-pub fn start(ebpf: &mut Ebpf, kernel: &KernelInfo, config: &Config) -> anyhow::Result<super::Started> {
-    let (mut state, ring) =
-        SchedState::new(ebpf, config.per_pid, config.exit_grace, config.max_processes)?;
+pub fn start(
+    ebpf: &mut Ebpf,
+    kernel: &KernelInfo,
+    config: &Config,
+) -> anyhow::Result<super::Started> {
+    let (mut state, ring) = SchedState::new(
+        ebpf,
+        config.per_pid,
+        config.exit_grace,
+        config.max_processes,
+    )?;
     let existing = state.prepopulate()?;
     log::debug!("pre-created {existing} per-process entries");
     let programs = attach(ebpf, kernel)?;
@@ -377,7 +399,10 @@ impl super::Probe for SchedProbe {
         let s = self.lock();
         let k = s.kernel_counters();
         vec![
-            ("thread_state_failed", k[Counter::ThreadStateFailed as usize]),
+            (
+                "thread_state_failed",
+                k[Counter::ThreadStateFailed as usize],
+            ),
             ("process_map_full", k[Counter::ProcMapFull as usize]),
             ("process_alloc_failed", k[Counter::ProcAllocFailed as usize]),
             ("event_ring_full", k[Counter::EventRingFull as usize]),
@@ -413,7 +438,9 @@ impl super::Probe for SchedProbe {
 }
 
 /// Folds, sweeps and expires on a timer, so state stays bounded even when nobody scrapes.
-pub async fn housekeeping(state: std::sync::Arc<std::sync::Mutex<SchedState>>) -> anyhow::Result<()> {
+pub async fn housekeeping(
+    state: std::sync::Arc<std::sync::Mutex<SchedState>>,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -61,7 +61,10 @@ impl Agent {
                 let _ = child.kill();
                 let _ = child.wait();
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("agent did not start listening; its log:\n{}", log.lock().unwrap());
+                panic!(
+                    "agent did not start listening; its log:\n{}",
+                    log.lock().unwrap()
+                );
             }
         };
         let agent = Agent { child, addr, log };
@@ -107,13 +110,24 @@ impl Drop for Agent {
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read response");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -146,7 +160,9 @@ impl Metrics {
                 continue;
             }
             let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line}"));
             let (name, labels) = match series.split_once('{') {
                 Some((n, rest)) => (n.to_string(), parse_labels(rest.trim_end_matches('}'))),
                 None => (series.to_string(), vec![]),
@@ -232,7 +248,9 @@ impl Workload {
             BufReader::new(stdout).read_line(&mut line).ok();
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(timeout).expect("workload did not finish in time");
+        let line = rx
+            .recv_timeout(timeout)
+            .expect("workload did not finish in time");
         let tids = line
             .strip_prefix("done")
             .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
@@ -280,7 +298,10 @@ pub fn ctxt_switches_tid(pid: u32, tid: u32) -> (u64, u64) {
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or_else(|| panic!("{k} missing"))
     };
-    (field("voluntary_ctxt_switches:"), field("nonvoluntary_ctxt_switches:"))
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
 }
 
 /// Sum of run_delay (ns; field 2 of schedstat) over the given threads.

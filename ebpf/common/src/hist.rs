@@ -94,6 +94,26 @@ pub fn bucket_index(ns: u64) -> usize {
     }
 }
 
+/// Userspace arithmetic on kernel snapshots (sums across CPUs, deltas against a baseline).
+impl Hist {
+    pub fn add(&mut self, other: &Hist) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+    }
+
+    /// `self - base`, or `None` if any counter went backwards (the kernel entry was recreated).
+    pub fn checked_sub(&self, base: &Hist) -> Option<Hist> {
+        let mut out = Hist::ZERO;
+        for i in 0..NUM_BUCKETS {
+            out.buckets[i] = self.buckets[i].checked_sub(base.buckets[i])?;
+        }
+        out.sum_ns = self.sum_ns.checked_sub(base.sum_ns)?;
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -116,7 +136,11 @@ mod tests {
             }
             if i > 0 {
                 let lower = bucket_upper_bound_ns(i - 1).unwrap();
-                assert!(ns > lower, "{ns} not above bucket {}'s bound {lower}", i - 1);
+                assert!(
+                    ns > lower,
+                    "{ns} not above bucket {}'s bound {lower}",
+                    i - 1
+                );
             }
         }
     }
@@ -127,7 +151,10 @@ mod tests {
         assert_eq!(bucket_index(1025), 1);
         assert_eq!(bucket_index(2048), 1);
         // 50 ms lies in (2^25, 2^26] ns.
-        assert_eq!(bucket_upper_bound_ns(bucket_index(50_000_000)), Some(1 << 26));
+        assert_eq!(
+            bucket_upper_bound_ns(bucket_index(50_000_000)),
+            Some(1 << 26)
+        );
         assert_eq!(bucket_index(1 << 36), NUM_BUCKETS - 2);
         assert_eq!(bucket_index((1 << 36) + 1), NUM_BUCKETS - 1);
         assert_eq!(bucket_upper_bound_ns(NUM_BUCKETS - 1), None);
@@ -141,25 +168,5 @@ mod tests {
         assert_eq!(h.count(), 2);
         assert_eq!(h.sum_ns, 50_000_010);
         assert_eq!(h.buckets[0], 1);
-    }
-}
-
-/// Userspace arithmetic on kernel snapshots (sums across CPUs, deltas against a baseline).
-impl Hist {
-    pub fn add(&mut self, other: &Hist) {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a = a.wrapping_add(*b);
-        }
-        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
-    }
-
-    /// `self - base`, or `None` if any counter went backwards (the kernel entry was recreated).
-    pub fn checked_sub(&self, base: &Hist) -> Option<Hist> {
-        let mut out = Hist::ZERO;
-        for i in 0..NUM_BUCKETS {
-            out.buckets[i] = self.buckets[i].checked_sub(base.buckets[i])?;
-        }
-        out.sum_ns = self.sum_ns.checked_sub(base.sum_ns)?;
-        Some(out)
     }
 }

@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn names_fit_the_kernels_object_name_length() {
         for name in super::ALL_MAPS.iter().chain(super::ALL_PROGRAMS) {
-            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
         }
     }
 }

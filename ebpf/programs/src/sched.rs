@@ -12,9 +12,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use stallwatch_common::{
-    sched::{
-        OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_SEEN,
-    },
+    sched::{OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_SEEN},
     Counter, EVENT_EXEC, EVENT_EXIT,
 };
 
@@ -37,6 +35,8 @@ static SW_PROC_SCHED: PerCpuHashMap<u32, SchedStats> =
 static ZERO_STATS: SchedStats = SchedStats::ZERO;
 
 #[inline(always)]
+// By reference on purpose: a by-value SchedStats would be copied onto the 512-byte stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn proc_stats(tgid: u32) -> Option<*mut SchedStats> {
     if let Some(p) = SW_PROC_SCHED.get_ptr_mut(tgid) {
         return Some(p);
@@ -114,7 +114,11 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
             return;
         }
         (*t).offcpu_since_ns = now;
-        (*t).runnable_since_ns = if matches!(reason, OffCpuReason::Involuntary) { now } else { 0 };
+        (*t).runnable_since_ns = if matches!(reason, OffCpuReason::Involuntary) {
+            now
+        } else {
+            0
+        };
         (*t).reason = reason as u8;
         (*t).tgid
     };

@@ -6,7 +6,10 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE},
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_NO_PREALLOC,
+        BPF_LOCAL_STORAGE_GET_F_CREATE,
+    },
     helpers::generated::{bpf_task_storage_delete, bpf_task_storage_get},
 };
 
@@ -41,7 +44,9 @@ impl<T> TaskStorage<T> {
     /// The task's value, if it has one. `task` must be a BTF task pointer (a tp_btf argument).
     #[inline(always)]
     pub fn get(&self, task: *const u8) -> Option<*mut T> {
-        let p = unsafe { bpf_task_storage_get(self.as_ptr(), task as *mut task_struct, ptr::null_mut(), 0) };
+        let p = unsafe {
+            bpf_task_storage_get(self.as_ptr(), task as *mut task_struct, ptr::null_mut(), 0)
+        };
         (!p.is_null()).then_some(p.cast())
     }
 
