@@ -13,9 +13,17 @@ const OFFCPU_TOTAL: &str = "stallwatch_offcpu_seconds_total";
 const OFFCPU_HIST: &str = "stallwatch_offcpu_duration_seconds";
 const CSWCH: &str = "stallwatch_context_switches_total";
 
-/// The Prometheus `le` label of the log2 bucket whose upper bound is 2^shift ns.
-fn le(shift: u32) -> String {
-    format!("{}", (1u64 << shift) as f64 / 1e9)
+/// Off-CPU intervals of `pid` with `reason` in the log2 bucket (2^(shift-1), 2^shift] ns.
+fn offcpu_in_bucket(m: &Metrics, pid: &str, reason: &str, shift: u32) -> f64 {
+    // Prometheus `le` label of the bucket whose upper bound is 2^shift ns.
+    let le = |shift: u32| format!("{}", (1u64 << shift) as f64 / 1e9);
+    let cumulative = |shift| {
+        m.sum(
+            &format!("{OFFCPU_HIST}_bucket"),
+            &[("pid", pid), ("reason", reason), ("le", &le(shift))],
+        )
+    };
+    cumulative(shift) - cumulative(shift - 1)
 }
 
 /// Waits until every thread of `pid` sleeps and its switch counts stop moving, so /proc and
@@ -81,14 +89,8 @@ fn voluntary_sleeps_are_counted_in_the_50ms_bucket() {
     let total = m.sum(OFFCPU_TOTAL, &[("pid", &pid), ("reason", "voluntary")]);
     assert_within("voluntary off-CPU seconds for 20 x 50 ms", total, 1.0, 0.05);
     // 50 ms lies in (2^25, 2^26] ns.
-    let bucket = |shift| {
-        m.sum(
-            &format!("{OFFCPU_HIST}_bucket"),
-            &[("pid", &pid), ("reason", "voluntary"), ("le", &le(shift))],
-        )
-    };
     assert_eq!(
-        bucket(26) - bucket(25),
+        offcpu_in_bucket(&m, &pid, "voluntary", 26),
         20.0,
         "sleeps in the bucket holding 50 ms"
     );
@@ -116,17 +118,7 @@ fn vfork_parent_waits_uninterruptible() {
         "uninterruptible off-CPU {d}s, want ~0.1s"
     );
     // 100 ms lies in (2^26, 2^27] ns: exactly one such D wait.
-    let b = |shift| {
-        m.sum(
-            &format!("{OFFCPU_HIST}_bucket"),
-            &[
-                ("pid", &pid),
-                ("reason", "uninterruptible"),
-                ("le", &le(shift)),
-            ],
-        )
-    };
-    assert_eq!(b(27) - b(26), 1.0);
+    assert_eq!(offcpu_in_bucket(&m, &pid, "uninterruptible", 27), 1.0);
     w.finish();
 }
 
