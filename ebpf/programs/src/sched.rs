@@ -228,8 +228,17 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p, bool group_dead); p is current.
     let task: *const u8 = ctx.arg(0);
     let group_dead: u64 = ctx.arg(1);
-    if let Some(t) = SW_THREADS.get(task) {
-        unsafe { (*t).flags |= THREAD_EXITING };
+    // Create the state if the thread never left a CPU since we attached: any later
+    // switch of an exiting thread must be ignored, or it could re-create the entry of a
+    // process the agent has already retired.
+    match SW_THREADS.get_or_create(task) {
+        Some(t) => unsafe {
+            if (*t).flags & THREAD_SEEN == 0 {
+                count(Counter::ThreadInserted);
+            }
+            (*t).flags |= THREAD_EXITING | THREAD_SEEN;
+        },
+        None => count(Counter::ThreadStateFailed),
     }
     if group_dead & 0xff != 0 {
         emit_current(EVENT_EXIT, (bpf_get_current_pid_tgid() >> 32) as u32);
