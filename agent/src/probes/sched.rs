@@ -125,6 +125,7 @@ pub struct SchedState {
     /// When the last map read started: a scrape that arrived before it reuses it.
     last_refresh: Option<Instant>,
     last_sweep: Instant,
+    missing_at_last_sweep: std::collections::HashSet<u32>,
     /// Entries in the per-process map at the last refresh.
     proc_entries: usize,
     max_processes: u32,
@@ -164,6 +165,7 @@ impl SchedState {
                 unresolved: HashMap::new(),
                 last_refresh: None,
                 last_sweep: Instant::now(),
+                missing_at_last_sweep: Default::default(),
                 proc_entries: 0,
                 max_processes,
                 drops: UserDrops::default(),
@@ -271,14 +273,18 @@ impl SchedState {
         self.agg.expire(now);
     }
 
-    /// Retires tracked processes that exited without an exit event reaching us.
+    /// Retires tracked processes that exited without an exit event reaching us. A process
+    /// must be missing from /proc at two sweeps in a row, so an exit event still on its way
+    /// is not mistaken for a lost one.
     fn sweep(&mut self, now: Instant) {
         self.last_sweep = now;
-        let gone: Vec<u32> = self
+        let missing: std::collections::HashSet<u32> = self
             .agg
             .tracked_tgids()
             .filter(|tgid| !procfs::exists(&self.proc_root, *tgid))
             .collect();
+        let gone: Vec<u32> = missing.intersection(&self.missing_at_last_sweep).copied().collect();
+        self.missing_at_last_sweep = missing;
         for tgid in gone {
             let last = self.retire(tgid);
             self.agg.on_exit(
