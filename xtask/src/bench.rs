@@ -158,6 +158,12 @@ fn wait_ids(before: &ProgStats) -> anyhow::Result<Vec<u64>> {
     }
 }
 
+fn vulnerability(name: &str) -> String {
+    std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{name}"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -244,6 +250,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .unwrap_or_default()
             .trim(),
         0.0, // filled below
+    ));
+    report.push_str(&format!(
+        "CPU vulnerability mitigations in force (they make every call and return in BPF \
+         helpers dearer): spectre_v2: {}; retbleed: {}.\n\n",
+        vulnerability("spectre_v2"),
+        vulnerability("retbleed"),
     ));
     report.push_str(&format!(
         "## BPF cost per event (sched probe vs libbpf-tools, same run)\n\n\
