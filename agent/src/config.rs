@@ -24,6 +24,9 @@ pub struct Config {
     pub max_processes: u32,
     /// Ring buffer for process lifecycle events, bytes (power of two, >= page size).
     pub event_buffer: u32,
+    /// Attach the pre-5.18 sched_switch program even where the tracepoint passes prev_state,
+    /// so the older kernels' code path can be tested here.
+    pub legacy_sched_switch: bool,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
             strict: false,
             max_processes: 16384,
             event_buffer: 256 * 1024,
+            legacy_sched_switch: false,
         }
     }
 }
@@ -54,6 +58,7 @@ pub struct FileConfig {
     pub strict: Option<bool>,
     pub max_processes: Option<u32>,
     pub event_buffer: Option<u32>,
+    pub legacy_sched_switch: Option<bool>,
 }
 
 /// Flags of `stallwatch run` (and `check`); each has a STALLWATCH_* variable.
@@ -86,6 +91,9 @@ pub struct Flags {
     /// Process-event ring buffer size in bytes [default: 262144].
     #[arg(long, env = "STALLWATCH_EVENT_BUFFER")]
     pub event_buffer: Option<u32>,
+    /// Use the pre-5.18 sched_switch program (reads prev->__state); for testing.
+    #[arg(long, hide = true, env = "STALLWATCH_LEGACY_SCHED_SWITCH", num_args = 0..=1, default_missing_value = "true")]
+    pub legacy_sched_switch: Option<bool>,
 }
 
 impl Flags {
@@ -115,6 +123,10 @@ impl Flags {
                 .event_buffer
                 .or(file.event_buffer)
                 .unwrap_or(d.event_buffer),
+            legacy_sched_switch: self
+                .legacy_sched_switch
+                .or(file.legacy_sched_switch)
+                .unwrap_or(d.legacy_sched_switch),
         };
         c.validate()?;
         Ok(c)

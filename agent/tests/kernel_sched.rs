@@ -102,7 +102,10 @@ fn vfork_parent_waits_uninterruptible() {
     let Some(_g) = kernel_or_skip("vfork_parent_waits_uninterruptible") else {
         return;
     };
-    let agent = Agent::start(&["--per-pid"]);
+    vfork_d_state(&Agent::start(&["--per-pid"]));
+}
+
+fn vfork_d_state(agent: &Agent) {
     let w = Workload::run(&["vfork", "100"], Duration::from_secs(30));
     quiesce(w.pid);
     let m = agent.scrape();
@@ -127,7 +130,25 @@ fn context_switches_match_proc_status() {
     let Some(_g) = kernel_or_skip("context_switches_match_proc_status") else {
         return;
     };
-    let agent = Agent::start(&["--per-pid"]);
+    context_switches_match(&Agent::start(&["--per-pid"]));
+}
+
+/// The pre-5.18 sched_switch program (it reads prev->__state at a BTF offset instead of
+/// taking prev_state from the tracepoint) loads here too: hold it to the same ground truth.
+#[test]
+fn legacy_sched_switch_program_matches_the_same_ground_truth() {
+    let Some(_g) = kernel_or_skip("legacy_sched_switch_program_matches_the_same_ground_truth")
+    else {
+        return;
+    };
+    let agent = Agent::start(&["--per-pid", "--legacy-sched-switch"]);
+    let (_, ready) = agent.get("/readyz");
+    assert!(ready.contains("sw_switch_v1"), "{ready}");
+    context_switches_match(&agent);
+    vfork_d_state(&agent);
+}
+
+fn context_switches_match(agent: &Agent) {
     for args in [&["spin", "3", "1000", "0"][..], &["sleep", "200", "1"][..]] {
         let w = Workload::run(args, Duration::from_secs(30));
         quiesce(w.pid);

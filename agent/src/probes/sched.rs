@@ -35,14 +35,14 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn for_kernel(kernel: &KernelInfo) -> anyhow::Result<Plan> {
+    pub fn for_kernel(kernel: &KernelInfo, legacy_switch: bool) -> anyhow::Result<Plan> {
         // btf_trace_* prototypes start with the `void *` context argument.
         let switch = match kernel
             .kbtf
             .func_proto_param_count("btf_trace_sched_switch")?
         {
-            5 => names::PROG_SWITCH,
-            4 => names::PROG_SWITCH_V1,
+            5 if !legacy_switch => names::PROG_SWITCH,
+            4 | 5 => names::PROG_SWITCH_V1,
             n => bail!(
                 "unsupported sched_switch tracepoint prototype ({} arguments)",
                 n - 1
@@ -74,8 +74,12 @@ impl Plan {
 }
 
 /// Loads and attaches the scheduler programs; they stay attached as long as `ebpf` lives.
-pub fn attach(ebpf: &mut Ebpf, kernel: &KernelInfo) -> anyhow::Result<Vec<&'static str>> {
-    let plan = Plan::for_kernel(kernel)?;
+pub fn attach(
+    ebpf: &mut Ebpf,
+    kernel: &KernelInfo,
+    legacy_switch: bool,
+) -> anyhow::Result<Vec<&'static str>> {
+    let plan = Plan::for_kernel(kernel, legacy_switch)?;
     if plan.exit.is_none() {
         log::warn!(
             "sched_process_exit has no group_dead argument on this kernel; exited processes \
@@ -283,7 +287,10 @@ impl SchedState {
             .tracked_tgids()
             .filter(|tgid| !procfs::exists(&self.proc_root, *tgid))
             .collect();
-        let gone: Vec<u32> = missing.intersection(&self.missing_at_last_sweep).copied().collect();
+        let gone: Vec<u32> = missing
+            .intersection(&self.missing_at_last_sweep)
+            .copied()
+            .collect();
         self.missing_at_last_sweep = missing;
         for tgid in gone {
             let last = self.retire(tgid);
@@ -375,7 +382,7 @@ pub fn start(
     )?;
     let existing = state.prepopulate()?;
     log::debug!("pre-created {existing} per-process entries");
-    let programs = attach(ebpf, kernel)?;
+    let programs = attach(ebpf, kernel, config.legacy_sched_switch)?;
     state.prime();
     let state = std::sync::Arc::new(std::sync::Mutex::new(state));
     Ok(super::Started {
