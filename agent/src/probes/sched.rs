@@ -260,6 +260,11 @@ impl SchedState {
                 // No /proc entry and no exit event after several refreshes: keep the data
                 // under an explicit unknown identity rather than losing it.
                 let last = self.retire(tgid).or_else(|| values.get(&tgid).copied());
+                if last.is_none_or(|v| v == SchedStats::ZERO) {
+                    // Nothing to keep: e.g. an entry pre-created at start for a process that
+                    // exited before the programs attached.
+                    continue;
+                }
                 let unknown = Identity {
                     comm: "_unknown".into(),
                     cgroup: "_unknown".into(),
