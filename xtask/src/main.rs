@@ -4,8 +4,10 @@ mod bench;
 mod build;
 mod cmd;
 mod setup;
+mod test;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -62,8 +64,19 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The context chain, without anyhow's backtrace (RUST_BACKTRACE may be set).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Setup { no_test_tools } => setup::run(!no_test_tools),
         Command::BuildEbpf(args) => build::ebpf(&args).map(|_| ()),
         Command::Build { ebpf, release } => build::agent(&ebpf, release).map(|_| ()),
@@ -77,28 +90,7 @@ fn main() -> anyhow::Result<()> {
             };
             cmd::exec(std::process::Command::new(bin).args(args))
         }
-        Command::Test { no_setup, args } => {
-            if !no_setup {
-                setup::run(true)?;
-            }
-            // The aarch64 object must keep building (and is checked by the same tests'
-            // object parser when cross-testing); the host one is embedded and tested.
-            build::ebpf(&build::EbpfArgs {
-                arch: Some(build::Arch::Aarch64),
-                ..Default::default()
-            })?;
-            build::ebpf(&build::EbpfArgs::default())?;
-            cmd::run(
-                std::process::Command::new("cargo")
-                    .current_dir(root())
-                    .args(["build", "--workspace", "--bins"]),
-            )?;
-            let mut test = std::process::Command::new("cargo");
-            test.current_dir(root())
-                .args(["test", "--workspace", "--all-targets", "--"])
-                .args(args);
-            cmd::run(&mut test)
-        }
+        Command::Test { no_setup, args } => test::run(no_setup, &args),
         Command::Bench(args) => bench::run(&args),
     }
 }

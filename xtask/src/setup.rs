@@ -44,7 +44,8 @@ fn apt(packages: &[&str]) -> anyhow::Result<()> {
     }
     if !is_root() {
         bail!(
-            "missing Debian packages {m}; install them as root: apt-get update && apt-get install -y {m}",
+            "missing Debian packages {m}; install them as root: apt-get update && \
+             DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {m}",
             m = missing.join(" ")
         );
     }
@@ -95,6 +96,7 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");
     } else {
+        eprintln!("installing: nightly rust-src");
         cmd::run(Command::new("rustup").args([
             "component",
             "add",
@@ -106,6 +108,9 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if bpf_linker().is_some() {
         eprintln!("ok: bpf-linker");
     } else {
+        eprintln!(
+            "installing: bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22; takes minutes)"
+        );
         // bpf-linker's build script finds LLVM through LLVM_PREFIX; llvm-sys through
         // LLVM_SYS_221_PREFIX.
         cmd::run(

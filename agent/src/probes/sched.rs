@@ -45,7 +45,7 @@ impl Plan {
             4 | 5 => names::PROG_SWITCH_V1,
             n => bail!(
                 "unsupported sched_switch tracepoint prototype ({} arguments)",
-                n - 1
+                n.saturating_sub(1)
             ),
         };
         let exit = match kernel
