@@ -51,6 +51,8 @@ impl App {
         } else {
             None
         };
+        let counters = Arc::new(probes::KernelCounters::take(&mut ebpf)?);
+        let mut lifecycle = probes::lifecycle::Lifecycle::new(&mut ebpf, counters.clone())?;
         let mut probes = Vec::new();
         let mut running = Vec::new();
         let mut tasks = Vec::new();
@@ -59,7 +61,14 @@ impl App {
             .copied()
             .filter(|p| config.probe_enabled(p))
         {
-            let result = match probes::start(name, &mut ebpf, &kernel, &config) {
+            let ctx = probes::StartCtx {
+                ebpf: &mut ebpf,
+                kernel: &kernel,
+                config: &config,
+                counters: counters.clone(),
+                lifecycle: &mut lifecycle,
+            };
+            let result = match probes::start(name, ctx) {
                 Ok(started) => {
                     running.push(started.probe);
                     tasks.extend(started.tasks);
@@ -75,6 +84,10 @@ impl App {
                 }
             };
             probes.push(ProbeStatus { name, result });
+        }
+        if let Some((task, health)) = lifecycle.start()? {
+            tasks.push(task);
+            running.push(health);
         }
         Ok((
             App {

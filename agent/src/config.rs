@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-/// Probes this build knows. Later issues add syscalls, tcp, gc.
-pub const KNOWN_PROBES: &[&str] = &["sched"];
+/// Probes this build knows. `syscalls` is opt-in: its hooks run on every syscall on the node.
+pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -27,6 +27,18 @@ pub struct Config {
     /// Attach the pre-5.18 sched_switch program even where the tracepoint passes prev_state,
     /// so the older kernels' code path can be tested here.
     pub legacy_sched_switch: bool,
+    /// Add a `syscall` label to the syscall probe's series (per-syscall detail).
+    pub syscall_names: bool,
+    /// Syscalls at least this long are streamed as slow-call events.
+    #[serde(with = "humantime_serde_compat")]
+    pub slow_syscall: Duration,
+    /// Time syscalls only of these processes (tgids) ...
+    pub syscall_pids: Vec<u32>,
+    /// ... and of these cgroup v2 directories and their descendants. Both empty: everyone.
+    pub syscall_cgroups: Vec<PathBuf>,
+    /// Entries of the syscall latency map (and of the error map): (process, class) pairs,
+    /// or (process, syscall) pairs with `syscall-names`.
+    pub syscall_max_entries: u32,
 }
 
 impl Default for Config {
@@ -41,6 +53,11 @@ impl Default for Config {
             max_processes: 16384,
             event_buffer: 256 * 1024,
             legacy_sched_switch: false,
+            syscall_names: false,
+            slow_syscall: Duration::from_millis(100),
+            syscall_pids: Vec::new(),
+            syscall_cgroups: Vec::new(),
+            syscall_max_entries: 65536,
         }
     }
 }
@@ -59,6 +76,12 @@ pub struct FileConfig {
     pub max_processes: Option<u32>,
     pub event_buffer: Option<u32>,
     pub legacy_sched_switch: Option<bool>,
+    pub syscall_names: Option<bool>,
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub slow_syscall: Option<Duration>,
+    pub syscall_pids: Option<Vec<u32>>,
+    pub syscall_cgroups: Option<Vec<PathBuf>>,
+    pub syscall_max_entries: Option<u32>,
 }
 
 /// Flags of `stallwatch run` (and `check`); each has a STALLWATCH_* variable.
@@ -70,7 +93,8 @@ pub struct Flags {
     /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9477]; port 0 picks one.
     #[arg(long, env = "STALLWATCH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Comma list of probes to run [default: sched]. Known: sched.
+    /// Comma list of probes to run [default: sched]. Known: sched, syscalls (opt-in: it
+    /// hooks every syscall on the node; see docs/probes.md for its cost).
     #[arg(long, env = "STALLWATCH_PROBES", value_delimiter = ',')]
     pub probes: Option<Vec<String>>,
     /// Add a `pid` label to per-process series (more series).
@@ -94,6 +118,30 @@ pub struct Flags {
     /// Use the pre-5.18 sched_switch program (reads prev->__state); for testing.
     #[arg(long, hide = true, env = "STALLWATCH_LEGACY_SCHED_SWITCH", num_args = 0..=1, default_missing_value = "true")]
     pub legacy_sched_switch: Option<bool>,
+    /// Add a `syscall` label to syscall series (one series per syscall used, not per class).
+    #[arg(long, env = "STALLWATCH_SYSCALL_NAMES", num_args = 0..=1, default_missing_value = "true")]
+    pub syscall_names: Option<bool>,
+    /// Stream syscalls at least this long as slow-call events (logged) [default: 100ms].
+    #[arg(long, env = "STALLWATCH_SLOW_SYSCALL", value_parser = humantime::parse_duration)]
+    pub slow_syscall: Option<Duration>,
+    /// Time syscalls only of these pids (repeat or comma list); with --syscall-cgroup, of either.
+    #[arg(
+        long = "syscall-pid",
+        env = "STALLWATCH_SYSCALL_PIDS",
+        value_delimiter = ','
+    )]
+    pub syscall_pids: Option<Vec<u32>>,
+    /// Time syscalls only in these cgroup v2 directories and below (path under the cgroup2
+    /// mount, e.g. /kubepods.slice, or absolute).
+    #[arg(
+        long = "syscall-cgroup",
+        env = "STALLWATCH_SYSCALL_CGROUPS",
+        value_delimiter = ','
+    )]
+    pub syscall_cgroups: Option<Vec<PathBuf>>,
+    /// Size of the syscall latency and error maps [default: 65536].
+    #[arg(long, env = "STALLWATCH_SYSCALL_MAX_ENTRIES")]
+    pub syscall_max_entries: Option<u32>,
 }
 
 impl Flags {
@@ -127,6 +175,28 @@ impl Flags {
                 .legacy_sched_switch
                 .or(file.legacy_sched_switch)
                 .unwrap_or(d.legacy_sched_switch),
+            syscall_names: self
+                .syscall_names
+                .or(file.syscall_names)
+                .unwrap_or(d.syscall_names),
+            slow_syscall: self
+                .slow_syscall
+                .or(file.slow_syscall)
+                .unwrap_or(d.slow_syscall),
+            syscall_pids: self
+                .syscall_pids
+                .clone()
+                .or(file.syscall_pids)
+                .unwrap_or(d.syscall_pids),
+            syscall_cgroups: self
+                .syscall_cgroups
+                .clone()
+                .or(file.syscall_cgroups)
+                .unwrap_or(d.syscall_cgroups),
+            syscall_max_entries: self
+                .syscall_max_entries
+                .or(file.syscall_max_entries)
+                .unwrap_or(d.syscall_max_entries),
         };
         c.validate()?;
         Ok(c)
@@ -151,6 +221,15 @@ impl Config {
         }
         if self.max_processes == 0 {
             bail!("--max-processes must be at least 1");
+        }
+        if self.syscall_max_entries == 0 {
+            bail!("--syscall-max-entries must be at least 1");
+        }
+        if self.slow_syscall.is_zero() {
+            bail!("--slow-syscall must be longer than 0 (every syscall would be an event)");
+        }
+        if let Some(p) = self.syscall_pids.iter().find(|p| **p == 0) {
+            bail!("--syscall-pid {p} is not a process id");
         }
         let page = 4096;
         if self.event_buffer < page || !self.event_buffer.is_power_of_two() {

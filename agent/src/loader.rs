@@ -61,17 +61,45 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .kbtf
         .member_offset("task_struct", state_field)
         .with_context(|| format!("finding task_struct.{state_field} in kernel BTF"))?;
+    // The syscall probe's scope and mode are frozen into the object, so the verifier prunes
+    // the branches they rule out. A bad scope fails here, before anything loads.
+    let scope = if config.probe_enabled(crate::probes::syscalls::NAME) {
+        crate::probes::syscalls::Scope::from_config(config)?
+    } else {
+        Default::default()
+    };
+    let by_nr = u32::from(config.syscall_names);
+    let slow_ns = u64::try_from(config.slow_syscall.as_nanos()).unwrap_or(u64::MAX);
+    let self_tgid = std::process::id();
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&kernel.btf))
         .override_global(names::GLOBAL_TASK_PID_OFFSET, &pid_off, true)
         .override_global(names::GLOBAL_TASK_TGID_OFFSET, &tgid_off, true)
         .override_global(names::GLOBAL_TASK_STATE_OFFSET, &state_off, true)
+        .override_global(names::GLOBAL_SC_FILTER, &scope.filter, true)
+        .override_global(names::GLOBAL_SC_CG_LEVELS, &scope.levels, true)
+        .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)
+        .override_global(names::GLOBAL_SC_SLOW_NS, &slow_ns, true)
+        .override_global(names::GLOBAL_SC_SELF_TGID, &self_tgid, true)
         // Task-local storage (SW_THREADS) has no userspace wrapper in aya; only the kernel
         // programs use it.
         .allow_unsupported_maps()
         .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
-        .map_max_entries(names::MAP_EVENTS, config.event_buffer);
+        .map_max_entries(names::MAP_EVENTS, config.event_buffer)
+        .map_max_entries(names::MAP_SC_STATS, config.syscall_max_entries)
+        .map_max_entries(names::MAP_SC_ERRORS, config.syscall_max_entries)
+        .map_max_entries(names::MAP_SC_SLOW, config.event_buffer)
+        .map_max_entries(
+            names::MAP_SC_PIDS,
+            u32::try_from(scope.pids.len()).unwrap_or(u32::MAX).max(1),
+        )
+        .map_max_entries(
+            names::MAP_SC_CGROUPS,
+            u32::try_from(scope.cgroups.len())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        );
     loader
         .load(object)
         .context("loading the eBPF object (creating maps)")

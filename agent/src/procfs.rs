@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::aggregate::sched::Identity;
+use crate::aggregate::Identity;
 
 /// The cgroup v2 path from a /proc/<pid>/cgroup body ("0::/path" line), if there is one.
 pub fn parse_cgroup_v2(body: &str) -> Option<&str> {
@@ -72,6 +72,11 @@ impl CgroupResolver {
             last_scan: None,
             min_rescan: std::time::Duration::from_secs(1),
         }
+    }
+
+    /// Where the cgroup v2 hierarchy is mounted, if it is.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
     }
 
     pub fn from_system() -> Self {

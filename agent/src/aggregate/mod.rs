@@ -1,3 +1,6 @@
-//! Pure aggregation: kernel snapshots in, label-keyed series out. No aya, no prometheus.
+//! Pure aggregation: kernel snapshots in, monotonic per-series values out. No aya, no prometheus.
 
-pub mod sched;
+pub mod process;
+pub mod syscall;
+
+pub use process::{Counters, Identity, ProcessAggregator, SeriesKey};

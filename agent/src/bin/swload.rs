@@ -8,13 +8,24 @@
 //!   swload sleep COUNT MS        COUNT nanosleeps of MS milliseconds on the main thread
 //!   swload spin THREADS MS CPU   THREADS threads busy-loop for MS ms, all pinned to CPU
 //!   swload vfork MS              clone(CLONE_VFORK); the child sleeps MS ms and exits; the parent waits in D
+//!   swload futex COUNT MS        COUNT FUTEX_WAITs that time out after MS ms (ETIMEDOUT)
+//!   swload piperead MS           a blocking pipe read; another thread writes after MS ms
+//!   swload getppid COUNT         COUNT getppid calls
+//!   swload openmissing COUNT     COUNT open()s of a file that does not exist (ENOENT)
+//!
+//! With SWLOAD_GATE=1 the workload first prints `ready`, then waits for SIGUSR1 (in
+//! rt_sigtimedwait, a `process`-class syscall) before working, so a test can read the agent's
+//! counters between the process's start-up and its work.
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {
-    eprintln!("usage: swload sleep COUNT MS | spin THREADS MS CPU | vfork MS");
+    eprintln!(
+        "usage: swload sleep COUNT MS | spin THREADS MS CPU | vfork MS | futex COUNT MS | \
+         piperead MS | getppid COUNT | openmissing COUNT"
+    );
     std::process::exit(2);
 }
 
@@ -44,14 +55,43 @@ fn pin_to(cpu: usize) {
     }
 }
 
-fn nanosleep(d: Duration) {
-    let ts = libc::timespec {
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
         tv_sec: d.as_secs() as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
-    };
+    }
+}
+
+/// The nanosleep syscall itself (glibc's wrapper issues clock_nanosleep), so tests know
+/// which syscall to expect.
+fn nanosleep(d: Duration) {
+    let ts = timespec(d);
     // SAFETY: valid timespec; a signal interruption just shortens the sleep, which the
     // test would notice.
-    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_nanosleep,
+            &ts,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
+}
+
+/// SWLOAD_GATE=1: print `ready`, then wait for SIGUSR1.
+fn gate() {
+    if std::env::var_os("SWLOAD_GATE").is_none() {
+        return;
+    }
+    // SAFETY: plain signal-mask calls on a zeroed, then initialised, sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        println!("ready");
+        std::io::stdout().flush().ok();
+        while libc::sigwaitinfo(&set, std::ptr::null_mut()) != libc::SIGUSR1 {}
+    }
 }
 
 fn done_and_wait(tids: &[i32]) {
@@ -64,6 +104,7 @@ fn done_and_wait(tids: &[i32]) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    gate();
     match args.get(1).map(String::as_str) {
         Some("sleep") => {
             let count: u32 = arg(&args, 2);
@@ -144,6 +185,74 @@ fn main() {
             let mut status = 0;
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(pid, &mut status, 0) };
+            done_and_wait(&[gettid()]);
+        }
+        Some("futex") => {
+            let count: u32 = arg(&args, 2);
+            let ms: u64 = arg(&args, 3);
+            let word = std::sync::atomic::AtomicU32::new(0);
+            let ts = timespec(Duration::from_millis(ms));
+            for _ in 0..count {
+                // SAFETY: FUTEX_WAIT on our own word, which stays 0: it times out.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        word.as_ptr(),
+                        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                        0u32,
+                        &ts,
+                    )
+                };
+                let err = std::io::Error::last_os_error().raw_os_error();
+                if r != -1 || err != Some(libc::ETIMEDOUT) {
+                    eprintln!("swload: futex wait did not time out: {r} {err:?}");
+                    std::process::exit(1);
+                }
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("piperead") => {
+            let ms: u64 = arg(&args, 2);
+            let mut fds = [0; 2];
+            // SAFETY: pipe fills two fds.
+            if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+                eprintln!("swload: pipe: {}", std::io::Error::last_os_error());
+                std::process::exit(1);
+            }
+            let writer = std::thread::spawn(move || {
+                nanosleep(Duration::from_millis(ms));
+                // SAFETY: writing one byte from a valid buffer to our pipe.
+                unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) };
+            });
+            let mut b = [0u8; 1];
+            // SAFETY: reading into a valid one-byte buffer.
+            let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+            writer.join().unwrap();
+            if n != 1 {
+                eprintln!("swload: pipe read returned {n}");
+                std::process::exit(1);
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("getppid") => {
+            let count: u32 = arg(&args, 2);
+            for _ in 0..count {
+                // SAFETY: no preconditions.
+                std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("openmissing") => {
+            let count: u32 = arg(&args, 2);
+            let path = c"/nonexistent-stallwatch-test/file";
+            for _ in 0..count {
+                // SAFETY: a valid NUL-terminated path.
+                let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+                if fd >= 0 {
+                    eprintln!("swload: {path:?} exists");
+                    std::process::exit(1);
+                }
+            }
             done_and_wait(&[gettid()]);
         }
         _ => usage(),

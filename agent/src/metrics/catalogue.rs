@@ -71,6 +71,24 @@ pub const CONTEXT_SWITCHES: MetricDef = MetricDef {
     source: "tp_btf/sched_switch",
 };
 
+pub const SYSCALL_LATENCY: MetricDef = MetricDef {
+    name: "stallwatch_syscall_latency_seconds",
+    kind: Kind::Histogram,
+    help: "Syscall duration from entry to exit, by class (read, write, poll, lock, sleep, socket, file, memory, process, other); `syscall` label only with --syscall-names. Probe `syscalls` (opt-in).",
+    labels: &["class", "syscall"],
+    per_process: true,
+    source: "tp_btf/sys_enter, sys_exit",
+};
+
+pub const SYSCALL_ERRORS: MetricDef = MetricDef {
+    name: "stallwatch_syscall_errors_total",
+    kind: Kind::Counter,
+    help: "Syscalls that returned an error, by class and errno name (ENOENT, EAGAIN, ETIMEDOUT, kernel-internal ERESTARTSYS...); `syscall` label only with --syscall-names.",
+    labels: &["class", "syscall", "errno"],
+    per_process: true,
+    source: "tp_btf/sys_exit",
+};
+
 pub const BUILD_INFO: MetricDef = MetricDef {
     name: "stallwatch_build_info",
     kind: Kind::Gauge,
@@ -148,6 +166,8 @@ pub const ALL: &[&MetricDef] = &[
     &OFFCPU_SECONDS,
     &OFFCPU_DURATION,
     &CONTEXT_SWITCHES,
+    &SYSCALL_LATENCY,
+    &SYSCALL_ERRORS,
     &BUILD_INFO,
     &PROBE_ATTACHED,
     &EVENTS_DROPPED,

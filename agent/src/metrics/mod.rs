@@ -8,7 +8,9 @@ use stallwatch_common::{
     sched::{OffCpuReason, SchedStats},
 };
 
-use crate::aggregate::sched::SeriesKey;
+use crate::aggregate::syscall::{Class, SyscallStats};
+use crate::aggregate::SeriesKey;
+use crate::probes::syscalls::Labeler;
 use catalogue::{Kind, MetricDef};
 
 const NS_PER_SEC: f64 = 1e9;
@@ -120,6 +122,70 @@ pub fn sched_families(series: &[(SeriesKey, SchedStats)]) -> Vec<MetricFamily> {
         }
     }
     [runq, offcpu_total, offcpu_hist, cswch]
+        .into_iter()
+        .filter_map(Family::finish)
+        .collect()
+}
+
+fn process_labels(key: &SeriesKey) -> (Option<String>, Vec<(&'static str, String)>) {
+    let pid = key.pid.map(|p| p.to_string());
+    (
+        pid,
+        vec![("comm", key.comm.clone()), ("cgroup", key.cgroup.clone())],
+    )
+}
+
+/// The syscall probe's per-process families. Slots that label the same (several slots can
+/// be `other`) are merged first, so no series appears twice.
+pub fn syscall_families(
+    series: &[(SeriesKey, SyscallStats)],
+    labeler: &Labeler,
+) -> Vec<MetricFamily> {
+    use std::collections::BTreeMap;
+    let mut latency = Family::new(&catalogue::SYSCALL_LATENCY);
+    let mut errors = Family::new(&catalogue::SYSCALL_ERRORS);
+    for (key, s) in series {
+        let (pid, base) = process_labels(key);
+        let mut hists: BTreeMap<(Class, Option<String>), Hist> = BTreeMap::new();
+        for (slot, h) in &s.latency {
+            hists
+                .entry(labeler.labels(*slot))
+                .or_insert(Hist::ZERO)
+                .add(h);
+        }
+        let mut errs: BTreeMap<(Class, Option<String>, String), u64> = BTreeMap::new();
+        for ((slot, errno), n) in &s.errors {
+            let (class, name) = labeler.labels(*slot);
+            *errs
+                .entry((class, name, crate::aggregate::syscall::errno_name(*errno)))
+                .or_insert(0) += n;
+        }
+        fn labels_for<'a>(
+            base: &'a [(&'static str, String)],
+            pid: &'a Option<String>,
+            class: Class,
+            name: &'a Option<String>,
+        ) -> Vec<(&'a str, &'a str)> {
+            let mut l: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Some(pid) = &pid {
+                l.push(("pid", pid));
+            }
+            l.push(("class", class.label()));
+            if let Some(n) = name {
+                l.push(("syscall", n));
+            }
+            l
+        }
+        for ((class, name), h) in &hists {
+            latency.histogram(&labels_for(&base, &pid, *class, name), h);
+        }
+        for ((class, name, errno), n) in &errs {
+            let mut l = labels_for(&base, &pid, *class, name);
+            l.push(("errno", errno));
+            errors.value(&l, *n as f64);
+        }
+    }
+    [latency, errors]
         .into_iter()
         .filter_map(Family::finish)
         .collect()

@@ -225,44 +225,76 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
 pub struct Workload {
     child: Child,
     stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
     pub pid: u32,
     /// Threads the workload says the test should read.
     pub tids: Vec<u32>,
 }
 
 impl Workload {
-    /// Starts `swload args...` and waits (up to `timeout`) until it reports done.
-    pub fn run(args: &[&str], timeout: Duration) -> Workload {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_swload"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn swload");
+    fn spawn(args: &[&str], gated: bool) -> Workload {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_swload"));
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+        if gated {
+            cmd.env("SWLOAD_GATE", "1");
+        }
+        let mut child = cmd.spawn().expect("spawn swload");
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).ok();
-            let _ = tx.send(line);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
         });
-        let line = rx
+        Workload {
+            child,
+            stdin,
+            lines: rx,
+            pid,
+            tids: Vec::new(),
+        }
+    }
+
+    fn expect_done(&mut self, timeout: Duration) {
+        let line = self
+            .lines
             .recv_timeout(timeout)
             .expect("workload did not finish in time");
-        let tids = line
+        self.tids = line
             .strip_prefix("done")
             .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
             .split_whitespace()
             .map(|t| t.parse().unwrap())
             .collect();
-        Workload {
-            child,
-            stdin,
-            pid,
-            tids,
-        }
+    }
+
+    /// Starts `swload args...` and waits (up to `timeout`) until it reports done.
+    pub fn run(args: &[&str], timeout: Duration) -> Workload {
+        let mut w = Workload::spawn(args, false);
+        w.expect_done(timeout);
+        w
+    }
+
+    /// Starts `swload args...` gated: it has started up but does no work until `go`.
+    pub fn gated(args: &[&str]) -> Workload {
+        let w = Workload::spawn(args, true);
+        let line = w
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("workload did not start");
+        assert_eq!(line, "ready", "unexpected workload output");
+        w
+    }
+
+    /// Lets a gated workload work, and waits (up to `timeout`) until it is done.
+    pub fn go(&mut self, timeout: Duration) {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(self.pid as i32, libc::SIGUSR1) }, 0);
+        self.expect_done(timeout);
     }
 
     pub fn pid_label(&self) -> String {

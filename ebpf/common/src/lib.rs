@@ -9,6 +9,7 @@
 pub mod hist;
 pub mod names;
 pub mod sched;
+pub mod syscall;
 
 pub use hist::{bucket_index, Hist, NUM_BUCKETS};
 
@@ -31,9 +32,17 @@ pub enum Counter {
     TaskReadFailed = 5,
     /// A per-process entry could not be allocated (the kernel's BPF allocator cache was empty).
     ProcAllocFailed = 6,
+    /// A thread's syscall timing state could not be created.
+    SyscallThreadFailed = 7,
+    /// A (process, slot) latency or error entry could not be added: map full.
+    SyscallMapFull = 8,
+    /// A (process, slot) entry could not be allocated.
+    SyscallAllocFailed = 9,
+    /// A slow-syscall event was lost: its ring buffer was full.
+    SlowRingFull = 10,
 }
 
-pub const NUM_COUNTERS: u32 = 7;
+pub const NUM_COUNTERS: u32 = 11;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
@@ -44,6 +53,10 @@ impl Counter {
         Counter::ThreadDeleted,
         Counter::TaskReadFailed,
         Counter::ProcAllocFailed,
+        Counter::SyscallThreadFailed,
+        Counter::SyscallMapFull,
+        Counter::SyscallAllocFailed,
+        Counter::SlowRingFull,
     ];
 }
 
@@ -75,4 +88,8 @@ mod user {
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::sched::SchedStats {}
     unsafe impl aya::Pod for super::sched::ThreadState {}
+    unsafe impl aya::Pod for super::syscall::SyscallKey {}
+    unsafe impl aya::Pod for super::syscall::SyscallErrKey {}
+    unsafe impl aya::Pod for super::syscall::SlowSyscall {}
+    unsafe impl aya::Pod for super::hist::Hist {}
 }

@@ -11,6 +11,33 @@ pub const MAP_EVENTS: &str = "SW_EVENTS";
 /// Drop and bookkeeping counters (`PerCpuArray<u64>`, indexed by `Counter`).
 pub const MAP_COUNTERS: &str = "SW_COUNTERS";
 
+/// Syscall probe: per-thread timing state (task-local storage of `SyscallThread`).
+pub const MAP_SC_THREADS: &str = "SW_SC_THREADS";
+/// Syscall number -> class index (`Array<u32>`, `SYSCALL_TABLE_SIZE` entries), filled by the agent.
+pub const MAP_SC_CLASSES: &str = "SW_SC_CLASSES";
+/// Per-process latency histograms (`PerCpuHashMap<SyscallKey, Hist>`).
+pub const MAP_SC_STATS: &str = "SW_SC_STATS";
+/// Per-process error counts (`PerCpuHashMap<SyscallErrKey, u64>`).
+pub const MAP_SC_ERRORS: &str = "SW_SC_ERRORS";
+/// Slow-syscall events (`RingBuf` of `SlowSyscall`).
+pub const MAP_SC_SLOW: &str = "SW_SC_SLOW";
+/// In-kernel scope: selected tgids (`HashMap<u32, u8>`).
+pub const MAP_SC_PIDS: &str = "SW_SC_PIDS";
+/// In-kernel scope: selected cgroup v2 ids (`HashMap<u64, u8>`), matched with descendants.
+pub const MAP_SC_CGROUPS: &str = "SW_SC_CGROUPS";
+
+/// Global (`.rodata`): `FILTER_*` bits of the active syscall scopes.
+pub const GLOBAL_SC_FILTER: &str = "SC_FILTER";
+/// Global: bit mask of the cgroup levels the cgroup scope names.
+pub const GLOBAL_SC_CG_LEVELS: &str = "SC_CG_LEVELS";
+/// Global: nonzero keys the syscall maps by syscall number instead of class.
+pub const GLOBAL_SC_BY_NR: &str = "SC_BY_NR";
+/// Global: syscalls at least this long (ns) are streamed as slow-call events.
+pub const GLOBAL_SC_SLOW_NS: &str = "SC_SLOW_NS";
+
+/// Global: the agent's tgid, never timed by the syscall probe.
+pub const GLOBAL_SC_SELF_TGID: &str = "SC_SELF_TGID";
+
 /// Global (`.rodata`) set by the agent from kernel BTF: byte offset of `task_struct.tgid`.
 pub const GLOBAL_TASK_TGID_OFFSET: &str = "TASK_TGID_OFF";
 /// Global set by the agent from kernel BTF: byte offset of `task_struct.pid`.
@@ -24,21 +51,43 @@ pub const PROG_SWITCH: &str = "sw_switch";
 pub const PROG_SWITCH_V1: &str = "sw_switch_v1";
 pub const PROG_WAKEUP: &str = "sw_wakeup";
 pub const PROG_WAKEUP_NEW: &str = "sw_wakeup_new";
-/// tp_btf/sched_process_exit; needs the tracepoint's `group_dead` argument (checked in BTF).
+/// tp_btf/sched_process_exit: marks exiting threads in the scheduler's per-thread state.
 pub const PROG_EXIT: &str = "sw_exit";
-pub const PROG_EXEC: &str = "sw_exec";
+/// Process lifecycle (shared by every per-process probe): tp_btf/sched_process_exit, sends
+/// an exit event when the last thread goes; needs the `group_dead` argument (checked in BTF).
+pub const PROG_PROC_EXIT: &str = "sw_proc_exit";
+/// tp_btf/sched_process_exec: sends an exec event.
+pub const PROG_PROC_EXEC: &str = "sw_proc_exec";
+/// tp_btf/sys_enter and sys_exit (raw_syscalls).
+pub const PROG_SYS_ENTER: &str = "sw_sys_enter";
+pub const PROG_SYS_EXIT: &str = "sw_sys_exit";
 /// tp_btf/sched_process_fork: allocates a new process's entry outside the scheduler hot path.
 pub const PROG_FORK: &str = "sw_fork";
 
-pub const ALL_MAPS: &[&str] = &[MAP_THREADS, MAP_PROC_SCHED, MAP_EVENTS, MAP_COUNTERS];
+pub const ALL_MAPS: &[&str] = &[
+    MAP_THREADS,
+    MAP_PROC_SCHED,
+    MAP_EVENTS,
+    MAP_COUNTERS,
+    MAP_SC_THREADS,
+    MAP_SC_CLASSES,
+    MAP_SC_STATS,
+    MAP_SC_ERRORS,
+    MAP_SC_SLOW,
+    MAP_SC_PIDS,
+    MAP_SC_CGROUPS,
+];
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SWITCH,
     PROG_SWITCH_V1,
     PROG_WAKEUP,
     PROG_WAKEUP_NEW,
     PROG_EXIT,
-    PROG_EXEC,
     PROG_FORK,
+    PROG_PROC_EXIT,
+    PROG_PROC_EXEC,
+    PROG_SYS_ENTER,
+    PROG_SYS_EXIT,
 ];
 
 #[cfg(test)]

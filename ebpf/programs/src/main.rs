@@ -1,9 +1,14 @@
 //! stallwatch's kernel programs. One module per probe; shared maps and helpers in `shared`.
 #![no_std]
 #![no_main]
+// The atomic-add intrinsic (see shared::atomic_add); the eBPF crate is built with nightly.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod lifecycle;
 mod sched;
 mod shared;
+mod syscall;
 mod task_storage;
 
 #[cfg(not(test))]

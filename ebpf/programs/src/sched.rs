@@ -13,10 +13,10 @@ use aya_ebpf::{
 };
 use stallwatch_common::{
     sched::{OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_SEEN},
-    Counter, EVENT_EXEC, EVENT_EXIT,
+    Counter,
 };
 
-use crate::shared::{count, emit_current, task_pid, task_state, task_tgid};
+use crate::shared::{count, task_pid, task_state, task_tgid};
 use crate::task_storage::TaskStorage;
 
 const E2BIG: i32 = 7;
@@ -225,9 +225,9 @@ pub fn sw_fork(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
-    // TP_PROTO(struct task_struct *p, bool group_dead); p is current.
+    // TP_PROTO(struct task_struct *p[, bool group_dead]); p is current. The process exit
+    // event is the lifecycle program's job.
     let task: *const u8 = ctx.arg(0);
-    let group_dead: u64 = ctx.arg(1);
     // Create the state if the thread never left a CPU since we attached: any later
     // switch of an exiting thread must be ignored, or it could re-create the entry of a
     // process the agent has already retired.
@@ -240,14 +240,5 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
         },
         None => count(Counter::ThreadStateFailed),
     }
-    if group_dead & 0xff != 0 {
-        emit_current(EVENT_EXIT, (bpf_get_current_pid_tgid() >> 32) as u32);
-    }
-    0
-}
-
-#[btf_tracepoint(function = "sched_process_exec")]
-pub fn sw_exec(_ctx: BtfTracePointContext) -> u32 {
-    emit_current(EVENT_EXEC, (bpf_get_current_pid_tgid() >> 32) as u32);
     0
 }

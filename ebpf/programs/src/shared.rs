@@ -29,9 +29,22 @@ static TASK_STATE_OFF: u32 = 0;
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = SW_COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot, and our programs do not nest on one CPU for these paths.
-        unsafe { *slot += 1 };
+        // Per-CPU slot, but programs in process context (sys_exit) can be preempted mid
+        // update by another task on this CPU: atomic, and uncontended.
+        atomic_add(slot, 1);
     }
+}
+
+/// Adds to a per-CPU counter that a preemptible program also updates.
+#[inline(always)]
+pub fn atomic_add(p: *mut u64, v: u64) {
+    // core's AtomicU64 has no RMW methods on the BPF target; the intrinsic lowers to the BPF
+    // atomic add instruction. SAFETY: `p` points into a map value, valid and 8-byte aligned.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        )
+    };
 }
 
 #[inline(always)]

@@ -10,6 +10,26 @@ use std::time::{Duration, Instant};
 
 use stallwatch_common::sched::SchedStats;
 
+/// Absolute kernel counters of one process: monotonic while its kernel entries live.
+pub trait Counters: Clone + PartialEq + std::fmt::Debug {
+    fn zero() -> Self;
+    fn add(&mut self, other: &Self);
+    /// `self - earlier`, or `None` if any counter went backwards (the entry was recreated).
+    fn checked_sub(&self, earlier: &Self) -> Option<Self>;
+}
+
+impl Counters for SchedStats {
+    fn zero() -> Self {
+        SchedStats::ZERO
+    }
+    fn add(&mut self, other: &Self) {
+        SchedStats::add(self, other)
+    }
+    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
+        SchedStats::checked_sub(self, earlier)
+    }
+}
+
 /// Who a process is, as far as labels go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
@@ -26,24 +46,24 @@ pub struct SeriesKey {
 }
 
 #[derive(Debug)]
-struct Tracked {
+struct Tracked<V> {
     key: SeriesKey,
-    baseline: SchedStats,
-    latest: SchedStats,
+    baseline: V,
+    latest: V,
 }
 
 #[derive(Debug)]
-struct Series {
-    retired: SchedStats,
+struct Series<V> {
+    retired: V,
     live: usize,
     /// When the last live member left; the series is removed `exit_grace` later.
     idle_since: Option<Instant>,
 }
 
-impl Series {
+impl<V: Counters> Series<V> {
     fn new() -> Self {
         Series {
-            retired: SchedStats::ZERO,
+            retired: V::zero(),
             live: 0,
             idle_since: None,
         }
@@ -58,17 +78,17 @@ pub struct FoldStats {
 }
 
 #[derive(Debug)]
-pub struct SchedAggregator {
+pub struct ProcessAggregator<V> {
     per_pid: bool,
     exit_grace: Duration,
-    tracked: HashMap<u32, Tracked>,
-    series: HashMap<SeriesKey, Series>,
+    tracked: HashMap<u32, Tracked<V>>,
+    series: HashMap<SeriesKey, Series<V>>,
     pub fold_stats: FoldStats,
 }
 
-impl SchedAggregator {
+impl<V: Counters> ProcessAggregator<V> {
     pub fn new(per_pid: bool, exit_grace: Duration) -> Self {
-        SchedAggregator {
+        ProcessAggregator {
             per_pid,
             exit_grace,
             tracked: HashMap::new(),
@@ -92,7 +112,7 @@ impl SchedAggregator {
     }
 
     /// Moves a member's contribution into its series' retired total and detaches it.
-    fn leave(&mut self, key: &SeriesKey, contribution: &SchedStats, now: Instant) {
+    fn leave(&mut self, key: &SeriesKey, contribution: &V, now: Instant) {
         let s = self.series.entry(key.clone()).or_insert_with(Series::new);
         s.retired.add(contribution);
         s.live = s.live.saturating_sub(1);
@@ -106,7 +126,7 @@ impl SchedAggregator {
     /// Returns the tgids that could not be resolved.
     pub fn update(
         &mut self,
-        snapshot: &[(u32, SchedStats)],
+        snapshot: &[(u32, V)],
         mut resolve: impl FnMut(u32) -> Option<Identity>,
     ) -> Vec<u32> {
         let mut unresolved = Vec::new();
@@ -115,20 +135,17 @@ impl SchedAggregator {
                 if stats.checked_sub(&t.latest).is_none() {
                     // Went backwards since the last read: the entry was recreated. Keep what
                     // the old one had, start over from zero.
-                    let old = t
-                        .latest
-                        .checked_sub(&t.baseline)
-                        .unwrap_or(SchedStats::ZERO);
+                    let old = t.latest.checked_sub(&t.baseline).unwrap_or(V::zero());
                     let key = t.key.clone();
-                    t.baseline = SchedStats::ZERO;
-                    t.latest = *stats;
+                    t.baseline = V::zero();
+                    t.latest = stats.clone();
                     self.fold_stats.restarted += 1;
                     if let Some(s) = self.series.get_mut(&key) {
                         s.retired.add(&old);
                     }
                     continue;
                 }
-                t.latest = *stats;
+                t.latest = stats.clone();
                 continue;
             }
             match resolve(*tgid) {
@@ -139,8 +156,8 @@ impl SchedAggregator {
                         *tgid,
                         Tracked {
                             key,
-                            baseline: SchedStats::ZERO,
-                            latest: *stats,
+                            baseline: V::zero(),
+                            latest: stats.clone(),
                         },
                     );
                 }
@@ -152,20 +169,14 @@ impl SchedAggregator {
 
     /// The process is gone. `last` is its final kernel value (read just before the entry was
     /// deleted), `fallback` its identity from the exit event, used if we never tracked it.
-    pub fn on_exit(
-        &mut self,
-        tgid: u32,
-        last: Option<SchedStats>,
-        fallback: Identity,
-        now: Instant,
-    ) {
+    pub fn on_exit(&mut self, tgid: u32, last: Option<V>, fallback: Identity, now: Instant) {
         match self.tracked.remove(&tgid) {
             Some(t) => {
-                let final_stats = last.unwrap_or(t.latest);
+                let final_stats = last.unwrap_or_else(|| t.latest.clone());
                 let contribution = final_stats
                     .checked_sub(&t.baseline)
                     .or_else(|| t.latest.checked_sub(&t.baseline))
-                    .unwrap_or(SchedStats::ZERO);
+                    .unwrap_or(V::zero());
                 self.leave(&t.key, &contribution, now);
             }
             None => {
@@ -179,7 +190,7 @@ impl SchedAggregator {
 
     /// The process replaced its image: what it did so far stays with the old identity.
     /// `current` is its kernel value at (about) the exec.
-    pub fn on_exec(&mut self, tgid: u32, current: Option<SchedStats>, new: Identity, now: Instant) {
+    pub fn on_exec(&mut self, tgid: u32, current: Option<V>, new: Identity, now: Instant) {
         let new_key = self.key(tgid, new);
         let Some(t) = self.tracked.get(&tgid) else {
             return; // not tracked yet: the next update resolves it under its new name
@@ -187,14 +198,14 @@ impl SchedAggregator {
         if t.key == new_key {
             return;
         }
-        let current = current.unwrap_or(t.latest);
-        let contribution = current.checked_sub(&t.baseline).unwrap_or(SchedStats::ZERO);
+        let current = current.unwrap_or_else(|| t.latest.clone());
+        let contribution = current.checked_sub(&t.baseline).unwrap_or(V::zero());
         let old_key = t.key.clone();
         self.leave(&old_key, &contribution, now);
         self.join(&new_key);
         let t = self.tracked.get_mut(&tgid).expect("checked above");
         t.key = new_key;
-        t.baseline = current;
+        t.baseline = current.clone();
         t.latest = current;
     }
 
@@ -222,9 +233,12 @@ impl SchedAggregator {
     }
 
     /// Current value of every series, sorted by key for stable output.
-    pub fn series(&self) -> Vec<(SeriesKey, SchedStats)> {
-        let mut out: HashMap<&SeriesKey, SchedStats> =
-            self.series.iter().map(|(k, s)| (k, s.retired)).collect();
+    pub fn series(&self) -> Vec<(SeriesKey, V)> {
+        let mut out: HashMap<&SeriesKey, V> = self
+            .series
+            .iter()
+            .map(|(k, s)| (k, s.retired.clone()))
+            .collect();
         for t in self.tracked.values() {
             if let (Some(v), Some(delta)) = (out.get_mut(&t.key), t.latest.checked_sub(&t.baseline))
             {
@@ -240,6 +254,7 @@ impl SchedAggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    type SchedAggregator = ProcessAggregator<SchedStats>;
 
     fn stats(vol: u64, runq_ns: u64) -> SchedStats {
         let mut s = SchedStats::ZERO;
