@@ -283,7 +283,9 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(
             &file,
-            "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n",
+            "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n\
+             probes = [\"sched\", \"syscalls\"]\nslow-syscall = \"250ms\"\n\
+             syscall-cgroups = [\"/kubepods.slice\"]\n",
         )
         .unwrap();
         let flags = Flags {
@@ -296,6 +298,9 @@ mod tests {
         assert_eq!(c.exit_grace, Duration::from_secs(30));
         assert_eq!(c.max_processes, 20);
         assert_eq!(c.event_buffer, 256 * 1024);
+        assert_eq!(c.slow_syscall, Duration::from_millis(250));
+        assert_eq!(c.syscall_cgroups, vec![PathBuf::from("/kubepods.slice")]);
+        assert!(c.probe_enabled("syscalls"));
         // The dump round-trips through the file format.
         std::fs::write(dir.join("d.toml"), c.to_toml()).unwrap();
         let again = Flags {
@@ -324,6 +329,20 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(e.to_string().contains("--event-buffer"), "{e}");
+        let e = Flags {
+            syscall_pids: Some(vec![0]),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("--syscall-pid 0"), "{e}");
+        let e = Flags {
+            slow_syscall: Some(Duration::ZERO),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("--slow-syscall"), "{e}");
         let dir = std::env::temp_dir().join(format!("sw-cfg2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("c.toml"), "no-such-key = 1\n").unwrap();

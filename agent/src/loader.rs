@@ -66,6 +66,14 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
     let scope = if config.probe_enabled(crate::probes::syscalls::NAME) {
         crate::probes::syscalls::Scope::from_config(config)?
     } else {
+        if config.syscall_names
+            || !config.syscall_pids.is_empty()
+            || !config.syscall_cgroups.is_empty()
+        {
+            log::warn!(
+                "syscall options are set but the syscalls probe is not in --probes; they have no effect"
+            );
+        }
         Default::default()
     };
     let by_nr = u32::from(config.syscall_names);

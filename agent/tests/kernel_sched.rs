@@ -255,7 +255,13 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
     let Some(_g) = kernel_or_skip("metrics_pass_promtool_and_self_metrics_are_present") else {
         return;
     };
-    let agent = Agent::start(&["--bpf-stats"]);
+    // Both probes, the syscall one by name, so promtool sees every family.
+    let agent = Agent::start(&[
+        "--bpf-stats",
+        "--probes",
+        "sched,syscalls",
+        "--syscall-names",
+    ]);
     // Some activity so every family has samples.
     let w = Workload::run(&["sleep", "5", "10"], Duration::from_secs(10));
     let (code, body) = agent.get("/metrics");
@@ -271,10 +277,13 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
         String::from_utf8_lossy(std::mem::take(&mut promtool.stderr).as_slice())
     );
     let m = Metrics::parse(&body);
-    assert_eq!(
-        m.sum("stallwatch_probe_attached", &[("probe", "sched")]),
-        1.0
-    );
+    for probe in ["sched", "syscalls"] {
+        assert_eq!(
+            m.sum("stallwatch_probe_attached", &[("probe", probe)]),
+            1.0,
+            "{probe}"
+        );
+    }
     assert_eq!(m.sum("stallwatch_build_info", &[]), 1.0);
     assert!(m.sum("stallwatch_tracked_processes", &[]) > 0.0);
     assert!(
@@ -284,7 +293,13 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
         ) > 0.0
     );
     assert!(m.sum("stallwatch_bpf_program_run_seconds_total", &[]) > 0.0);
-    for probe_metric in [RUNQ, OFFCPU_HIST] {
+    assert!(
+        m.sum(
+            "stallwatch_bpf_program_runs_total",
+            &[("program", "sw_sys_exit")]
+        ) > 0.0
+    );
+    for probe_metric in [RUNQ, OFFCPU_HIST, "stallwatch_syscall_latency_seconds"] {
         assert!(
             m.has(&format!("{probe_metric}_bucket")),
             "{probe_metric} missing"

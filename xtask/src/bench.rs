@@ -6,6 +6,10 @@
 //!    `offcputime` attached in the same run. Context switches come from /proc/stat `ctxt`.
 //! 2. Slowdown: alternating agent-off / agent-on runs of the same pinned sched-pipe benchmark;
 //!    medians of the pairs, with the spread.
+//! 3. Syscall probe cost per syscall: the same BPF stats while `perf bench syscall basic`
+//!    (getppid in a loop) runs pinned, beside libbpf-tools `syscount -L`; and the same with the
+//!    probe scoped to another process (the floor an unselected process pays).
+//! 4. Syscall slowdown: alternating off/on `perf bench syscall basic`; ns added per syscall.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -24,6 +28,9 @@ pub struct Args {
     /// Messages per `perf bench sched pipe` run.
     #[arg(long, default_value_t = 200_000)]
     loops: u64,
+    /// getppid calls per `perf bench syscall basic` run.
+    #[arg(long, default_value_t = 2_000_000)]
+    syscall_loops: u64,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: String,
@@ -75,9 +82,23 @@ fn sched_pipe_cmd(loops: u64) -> Vec<String> {
     .collect()
 }
 
+fn syscall_basic_cmd(loops: u64) -> Vec<String> {
+    [
+        "taskset", "-c", PIPE_CPU, "perf", "bench", "syscall", "basic", "-l",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([loops.to_string()])
+    .collect()
+}
+
 /// Runs the pinned sched-pipe benchmark; returns usecs/op.
 fn sched_pipe(loops: u64) -> anyhow::Result<f64> {
-    let argv = sched_pipe_cmd(loops);
+    perf_bench(&sched_pipe_cmd(loops))
+}
+
+/// Runs a `perf bench` command line; returns its usecs/op.
+fn perf_bench(argv: &[String]) -> anyhow::Result<f64> {
     let out = cmd::output(Command::new(&argv[0]).args(&argv[1..]))?;
     out.lines()
         .find_map(|l| l.trim().strip_suffix("usecs/op"))
@@ -89,8 +110,13 @@ struct Agent(Child);
 
 impl Agent {
     fn start(bin: &std::path::Path) -> anyhow::Result<Agent> {
+        Agent::start_with(bin, &[])
+    }
+
+    fn start_with(bin: &std::path::Path, extra: &[&str]) -> anyhow::Result<Agent> {
         let mut child = Command::new(bin)
             .args(["run", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -317,6 +343,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         off,
         on
     ));
+    report.push_str(&syscall_sections(&bin, args)?);
     let report = report.replacen(
         " in 0 s.",
         &format!(" in {:.0} s.", started.elapsed().as_secs_f64()),
@@ -327,4 +354,139 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     print!("{report}");
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// BPF run time and runs of each program of `owners`, between two stats reads.
+fn deltas(
+    owners: &[(&str, Vec<u64>)],
+    before: &ProgStats,
+    after: &ProgStats,
+) -> Vec<(String, String, u64, u64)> {
+    let mut rows = Vec::new();
+    for (tool, ids) in owners {
+        for id in ids {
+            let (Some((name, t1, c1)), Some((_, t0, c0))) = (after.get(id), before.get(id)) else {
+                continue;
+            };
+            rows.push((tool.to_string(), name.clone(), t1 - t0, c1 - c0));
+        }
+    }
+    rows
+}
+
+/// Sections 3 and 4: the syscall probe.
+fn syscall_sections(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
+    let basic = syscall_basic_cmd(args.syscall_loops);
+    let basic_line = basic.join(" ");
+    let mut report = String::new();
+    // Kernel BPF stats add two clock reads to every program run: on for section 3 only.
+    let stats = StatsGuard::enable()?;
+
+    // 3a. Ours (every process timed) beside syscount -L.
+    let (rows, syscalls, usecs) = {
+        let mut owners: Vec<(&str, Vec<u64>)> = Vec::new();
+        let base = prog_stats()?;
+        let _agent = Agent::start_with(bin, &["--probes", "syscalls"])?;
+        owners.push(("stallwatch", new_ids(&base)?));
+        let base = prog_stats()?;
+        let _syscount = Peer::start(&["syscount", "-L", "-i", "3600"])?;
+        owners.push(("syscount -L", wait_ids(&base)?));
+        let before = prog_stats()?;
+        let usecs = perf_bench(&basic)?;
+        let after = prog_stats()?;
+        let rows = deltas(&owners, &before, &after);
+        // Every syscall on the machine runs our sys_exit program once.
+        let syscalls = rows
+            .iter()
+            .find(|r| r.0 == "stallwatch" && r.1 == "sw_sys_exit")
+            .map(|r| r.3)
+            .context("sw_sys_exit did not run")?;
+        (rows, syscalls, usecs)
+    };
+    // 3b. Scoped to another process: what the benchmark (unselected) pays.
+    let (floor_rows, floor_syscalls) = {
+        let base = prog_stats()?;
+        let _agent = Agent::start_with(bin, &["--probes", "syscalls", "--syscall-pid", "1"])?;
+        let owners = vec![("stallwatch scoped", new_ids(&base)?)];
+        let before = prog_stats()?;
+        perf_bench(&basic)?;
+        let after = prog_stats()?;
+        let rows = deltas(&owners, &before, &after);
+        let n = rows
+            .iter()
+            .find(|r| r.1 == "sw_sys_exit")
+            .map(|r| r.3)
+            .context("sw_sys_exit did not run")?;
+        (rows, n)
+    };
+    report.push_str(&format!(
+        "\n## BPF cost per syscall (syscalls probe vs libbpf-tools syscount -L, same run)\n\n\
+         Workload: `{basic_line}` ({syscalls} syscalls system-wide, {usecs:.3} usecs/op with both \
+         attached). Agent: `stallwatch run --probes syscalls` (latency histograms by class, \
+         errors, slow-call events; every process timed); peer: `syscount -L -i 3600`. Then \
+         `stallwatch run --probes syscalls --syscall-pid 1` alone ({floor_syscalls} syscalls): \
+         the cost to a process outside the scope.\n\n\
+         | tool | program | runs | total ns | ns/run |\n|---|---|---:|---:|---:|\n"
+    ));
+    for (tool, name, dt, dc) in rows.iter().chain(&floor_rows) {
+        if *dc == 0 {
+            continue;
+        }
+        report.push_str(&format!(
+            "| {tool} | `{name}` | {dc} | {dt} | {:.1} |\n",
+            *dt as f64 / *dc as f64
+        ));
+    }
+    let total = |rows: &[(String, String, u64, u64)], tool: &str| -> u64 {
+        rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum()
+    };
+    let ours = total(&rows, "stallwatch") as f64 / syscalls.max(1) as f64;
+    let peer = total(&rows, "syscount -L") as f64 / syscalls.max(1) as f64;
+    let floor = total(&floor_rows, "stallwatch scoped") as f64 / floor_syscalls.max(1) as f64;
+    report.push_str(&format!(
+        "\nPer syscall (enter + exit programs / syscalls):\n\n\
+         | tool | BPF ns per syscall |\n|---|---:|\n\
+         | stallwatch syscalls, process in scope | {ours:.1} |\n\
+         | libbpf-tools syscount -L | {peer:.1} |\n\
+         | stallwatch syscalls, process out of scope | {floor:.1} |\n\n\
+         stallwatch / syscount -L = **{:.2}×**. BPF time excludes the tracepoint dispatch \
+         itself; section 4 measures the whole added cost.\n",
+        ours / peer.max(1e-9),
+    ));
+
+    drop(stats);
+
+    // 4. Added ns per syscall, off/on alternating.
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..args.pairs {
+        off.push(perf_bench(&basic)? * 1000.0);
+        let _agent = Agent::start_with(bin, &["--probes", "syscalls"])?;
+        on.push(perf_bench(&basic)? * 1000.0);
+    }
+    let (off_med, on_med) = (median(&mut off.clone()), median(&mut on.clone()));
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    report.push_str(&format!(
+        "\n## Added cost per syscall: `{basic_line}`\n\n{} alternating pairs (agent off, then \
+         `stallwatch run --probes syscalls`), ns per getppid:\n\n\
+         | | median | min | max |\n|---|---:|---:|---:|\n\
+         | agent off | {off_med:.1} | {:.1} | {:.1} |\n\
+         | agent on | {on_med:.1} | {:.1} | {:.1} |\n\n\
+         Added per syscall (difference of the medians): **{:.1} ns** (target ≤ 250 ns with \
+         latency histograms on).\n\nRaw off: {}\n\nRaw on: {}\n",
+        args.pairs,
+        off.iter().copied().fold(f64::INFINITY, f64::min),
+        off.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        on.iter().copied().fold(f64::INFINITY, f64::min),
+        on.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        on_med - off_med,
+        fmt(&off),
+        fmt(&on),
+    ));
+    Ok(report)
 }

@@ -232,4 +232,57 @@ mod tests {
         ));
         assert!(text.contains("stallwatch_offcpu_seconds_total{comm=\"worker\",cgroup=\"/system.slice/a.service\",pid=\"7\",reason=\"voluntary\"} 0.05"));
     }
+
+    fn golden(name: &str, text: &str) {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("STALLWATCH_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(text == want, "{name} changed; got:\n{text}");
+    }
+
+    #[test]
+    fn syscall_exposition_golden_by_class_and_by_name() {
+        use crate::aggregate::syscall::{Class, Table};
+        use stallwatch_common::syscall::SLOT_UNKNOWN;
+        let key = SeriesKey {
+            comm: "api".into(),
+            cgroup: "/kubepods.slice/x".into(),
+            pid: None,
+        };
+        let obs = |ns: &[u64]| {
+            let mut h = Hist::ZERO;
+            for n in ns {
+                h.observe(*n);
+            }
+            h
+        };
+        // By class: the unknown slot and class `other` share one series.
+        let mut s = SyscallStats::default();
+        s.latency
+            .insert(Class::Sleep as u32, obs(&[10_000_000, 10_500_000]));
+        s.latency.insert(Class::Other as u32, obs(&[900]));
+        s.latency.insert(SLOT_UNKNOWN, obs(&[1_500]));
+        s.errors.insert((Class::File as u32, 2), 1000);
+        let text = encode(&syscall_families(
+            &[(key.clone(), s)],
+            &Labeler::new(Table::x86_64(), false),
+        ));
+        golden("syscall_exposition.txt", &text);
+        assert!(text.contains("stallwatch_syscall_latency_seconds_count{comm=\"api\",cgroup=\"/kubepods.slice/x\",class=\"other\"} 2"));
+        assert!(text.contains("stallwatch_syscall_errors_total{comm=\"api\",cgroup=\"/kubepods.slice/x\",class=\"file\",errno=\"ENOENT\"} 1000"));
+        // By syscall number (x86_64: 35 nanosleep, 202 futex).
+        let mut s = SyscallStats::default();
+        s.latency.insert(35, obs(&[10_000_000]));
+        s.latency.insert(202, obs(&[20_000_000]));
+        s.errors.insert((202, 110), 1);
+        let text = encode(&syscall_families(
+            &[(key, s)],
+            &Labeler::new(Table::x86_64(), true),
+        ));
+        golden("syscall_names_exposition.txt", &text);
+        assert!(text.contains("stallwatch_syscall_latency_seconds_count{comm=\"api\",cgroup=\"/kubepods.slice/x\",class=\"sleep\",syscall=\"nanosleep\"} 1"));
+        assert!(text.contains("stallwatch_syscall_errors_total{comm=\"api\",cgroup=\"/kubepods.slice/x\",class=\"lock\",syscall=\"futex\",errno=\"ETIMEDOUT\"} 1"));
+    }
 }

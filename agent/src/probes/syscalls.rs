@@ -275,8 +275,6 @@ impl Labeler {
 
 type State = ProcessState<SyscallSource>;
 
-/// The last slow calls, newest last, for the CLI.
-const RECENT_SLOW: usize = 256;
 /// Slow-call log lines per second; beyond it, calls are counted, not logged (a node full of
 /// idle event loops would otherwise flood the log).
 const SLOW_LOG_PER_SEC: u32 = 100;
@@ -292,7 +290,6 @@ pub struct SyscallsProbe {
     state: Arc<Mutex<State>>,
     labeler: Arc<Labeler>,
     counters: Arc<KernelCounters>,
-    recent: Arc<Mutex<std::collections::VecDeque<SlowCall>>>,
     slow: Arc<SlowStats>,
     capacity: u32,
 }
@@ -356,16 +353,10 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         state: state.clone(),
         labeler: Arc::new(Labeler::new(table, by_nr)),
         counters: ctx.counters,
-        recent: Default::default(),
         slow: Default::default(),
         capacity: config.syscall_max_entries,
     };
-    let reader = slow_events(
-        slow,
-        probe.labeler.clone(),
-        probe.recent.clone(),
-        probe.slow.clone(),
-    );
+    let reader = slow_events(slow, probe.labeler.clone(), probe.slow.clone());
     Ok(super::Started {
         probe: Box::new(probe),
         tasks: vec![Box::pin(housekeeping(state, NAME)), Box::pin(reader)],
@@ -455,11 +446,10 @@ pub fn decode_slow(
     })
 }
 
-/// Logs every slow call and keeps the last few.
+/// Logs every slow call, at most `SLOW_LOG_PER_SEC` a second.
 async fn slow_events(
     ring: RingBuf<MapData>,
     labeler: Arc<Labeler>,
-    recent: Arc<Mutex<std::collections::VecDeque<SlowCall>>>,
     stats: Arc<SlowStats>,
 ) -> anyhow::Result<()> {
     let mut cgroups = CgroupResolver::from_system();
@@ -503,11 +493,6 @@ async fn slow_events(
                     call.cgroup
                     );
                 }
-                let mut r = recent.lock().expect("slow-call buffer lock poisoned");
-                if r.len() == RECENT_SLOW {
-                    r.pop_front();
-                }
-                r.push_back(call);
             }
         }
         guard.clear_ready();

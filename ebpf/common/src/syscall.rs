@@ -25,7 +25,8 @@ pub struct SyscallThread {
     pub start_ns: u64,
     /// Syscall number from sys_enter (sys_exit does not carry it).
     pub nr: i32,
-    pub _pad: u32,
+    /// The thread's tgid, saved at entry so the exit path needs no helper call for it.
+    pub tgid: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<SyscallThread>() == 16);

@@ -118,6 +118,7 @@ pub fn sw_sys_enter(ctx: BtfTracePointContext) -> u32 {
     };
     unsafe {
         (*t).nr = id as i32;
+        (*t).tgid = tgid;
         (*t).start_ns = bpf_ktime_get_ns();
     }
     0
@@ -185,7 +186,7 @@ pub fn sw_sys_exit(ctx: BtfTracePointContext) -> u32 {
     let Some(t) = SW_SC_THREADS.get(task) else {
         return 0;
     };
-    let (start, nr) = unsafe { ((*t).start_ns, (*t).nr) };
+    let (start, nr, tgid) = unsafe { ((*t).start_ns, (*t).nr, (*t).tgid) };
     if start == 0 {
         return 0;
     }
@@ -193,8 +194,6 @@ pub fn sw_sys_exit(ctx: BtfTracePointContext) -> u32 {
     unsafe { (*t).start_ns = 0 };
     let duration = now.saturating_sub(start);
     let ret: i64 = ctx.arg(1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
     let slot = slot_of(nr);
     if let Some(h) = hist_for(&SyscallKey { tgid, slot }) {
         let h = unsafe { &mut *h };
@@ -212,20 +211,20 @@ pub fn sw_sys_exit(ctx: BtfTracePointContext) -> u32 {
         });
     }
     if duration >= unsafe { core::ptr::read_volatile(&SC_SLOW_NS) } {
-        emit_slow(tgid, pid_tgid as u32, nr, ret, duration);
+        emit_slow(tgid, nr, ret, duration);
     }
     0
 }
 
 #[inline(never)]
-fn emit_slow(tgid: u32, tid: u32, nr: i32, ret: i64, duration_ns: u64) {
+fn emit_slow(tgid: u32, nr: i32, ret: i64, duration_ns: u64) {
     let Some(mut entry) = SW_SC_SLOW.reserve::<SlowSyscall>(0) else {
         count(Counter::SlowRingFull);
         return;
     };
     entry.write(SlowSyscall {
         tgid,
-        tid,
+        tid: bpf_get_current_pid_tgid() as u32,
         nr,
         _pad: 0,
         ret,
