@@ -328,3 +328,41 @@ fn pid_scope_times_only_the_selected_process() {
     selected.finish();
     other.finish();
 }
+
+#[test]
+fn a_full_syscall_map_counts_drops_and_the_agent_stays_healthy() {
+    let Some(_g) = kernel_or_skip("a_full_syscall_map_counts_drops_and_the_agent_stays_healthy")
+    else {
+        return;
+    };
+    // Two entries for the whole node: full at once.
+    let agent = agent(&["--syscall-max-entries", "2"]);
+    let w = Workload::run(&["openmissing", "100"], Duration::from_secs(10));
+    let dropped = |m: &Metrics| {
+        m.sum(
+            "stallwatch_events_dropped_total",
+            &[("probe", "syscalls"), ("reason", "process_map_full")],
+        )
+    };
+    let first = dropped(&agent.scrape());
+    assert!(first > 0.0, "no drops counted with a 2-entry map");
+    let m = agent.scrape();
+    assert!(dropped(&m) >= first, "drop counter went backwards");
+    for map in ["SW_SC_STATS", "SW_SC_ERRORS"] {
+        assert_eq!(
+            m.sum("stallwatch_bpf_map_capacity", &[("map", map)]),
+            2.0,
+            "{map} capacity"
+        );
+        let entries = m.sum("stallwatch_bpf_map_entries", &[("map", map)]);
+        assert!(entries <= 2.0, "{map} holds {entries} entries");
+    }
+    assert_eq!(
+        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_SC_STATS")]),
+        2.0,
+        "the latency map is full"
+    );
+    assert_eq!(agent.get("/healthz").0, 200);
+    w.finish();
+    assert!(agent.stop(), "agent did not exit cleanly on SIGTERM");
+}

@@ -107,6 +107,8 @@ pub struct SyscallSource {
     /// scan in a BPF hash, this is how one process's entries are found.
     known: HashMap<u32, KnownKeys>,
     entries: usize,
+    /// Of `entries`, those in the error map.
+    error_entries: usize,
 }
 
 fn fold_hist(values: &[Hist]) -> Hist {
@@ -141,6 +143,7 @@ impl Source for SyscallSource {
         let mut by_tgid: HashMap<u32, SyscallStats> = HashMap::new();
         let mut known: HashMap<u32, KnownKeys> = HashMap::new();
         let mut entries = 0;
+        let mut error_entries = 0;
         for item in self.stats.iter() {
             match item {
                 Ok((k, values)) => {
@@ -159,6 +162,7 @@ impl Source for SyscallSource {
             match item {
                 Ok((k, values)) => {
                     entries += 1;
+                    error_entries += 1;
                     by_tgid
                         .entry(k.tgid)
                         .or_default()
@@ -171,6 +175,7 @@ impl Source for SyscallSource {
         }
         self.known = known;
         self.entries = entries;
+        self.error_entries = error_entries;
         by_tgid.into_iter().collect()
     }
 
@@ -335,6 +340,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         by_nr,
         known: HashMap::new(),
         entries: 0,
+        error_entries: 0,
     };
     let slow = RingBuf::try_from(take(ctx.ebpf, names::MAP_SC_SLOW)?)?;
     let state = Arc::new(Mutex::new(ProcessState::new(
@@ -408,12 +414,19 @@ impl super::Probe for SyscallsProbe {
 
     fn maps(&self) -> Vec<super::MapFill> {
         let s = self.lock();
-        vec![super::MapFill {
-            map: names::MAP_SC_STATS,
-            // Latency and error entries, against one map's capacity each.
-            entries: s.source.entries() as u64,
-            capacity: Some(u64::from(self.capacity) * 2),
-        }]
+        let errors = s.source.error_entries;
+        vec![
+            super::MapFill {
+                map: names::MAP_SC_STATS,
+                entries: (s.source.entries() - errors) as u64,
+                capacity: Some(u64::from(self.capacity)),
+            },
+            super::MapFill {
+                map: names::MAP_SC_ERRORS,
+                entries: errors as u64,
+                capacity: Some(u64::from(self.capacity)),
+            },
+        ]
     }
 
     fn tracked_processes(&self) -> usize {
