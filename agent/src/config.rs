@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 /// Probes this build knows. `syscalls` is opt-in: its hooks run on every syscall on the node.
-pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls"];
+pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls", "tcp"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -39,13 +39,16 @@ pub struct Config {
     /// Entries of the syscall latency map (and of the error map): (process, class) pairs,
     /// or (process, syscall) pairs with `syscall-names`.
     pub syscall_max_entries: u32,
+    /// At most one smoothed-RTT sample per TCP connection per this interval.
+    #[serde(with = "humantime_serde_compat")]
+    pub tcp_rtt_interval: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9477".parse().expect("valid default"),
-            probes: vec!["sched".into()],
+            probes: vec!["sched".into(), "tcp".into()],
             per_pid: false,
             exit_grace: Duration::from_secs(300),
             bpf_stats: false,
@@ -58,6 +61,7 @@ impl Default for Config {
             syscall_pids: Vec::new(),
             syscall_cgroups: Vec::new(),
             syscall_max_entries: 65536,
+            tcp_rtt_interval: Duration::from_secs(1),
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct FileConfig {
     pub syscall_pids: Option<Vec<u32>>,
     pub syscall_cgroups: Option<Vec<PathBuf>>,
     pub syscall_max_entries: Option<u32>,
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub tcp_rtt_interval: Option<Duration>,
 }
 
 /// Flags of `stallwatch run` (and `check`); each has a STALLWATCH_* variable.
@@ -93,8 +99,8 @@ pub struct Flags {
     /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9477]; port 0 picks one.
     #[arg(long, env = "STALLWATCH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Comma list of probes to run [default: sched]. Known: sched, syscalls (opt-in: it
-    /// hooks every syscall on the node; see docs/probes.md for its cost).
+    /// Comma list of probes to run [default: sched,tcp]. Known: sched, tcp, syscalls (opt-in:
+    /// it hooks every syscall on the node; see docs/probes.md for its cost).
     #[arg(long, env = "STALLWATCH_PROBES", value_delimiter = ',')]
     pub probes: Option<Vec<String>>,
     /// Add a `pid` label to per-process series (more series).
@@ -142,6 +148,9 @@ pub struct Flags {
     /// Size of the syscall latency and error maps [default: 65536].
     #[arg(long, env = "STALLWATCH_SYSCALL_MAX_ENTRIES")]
     pub syscall_max_entries: Option<u32>,
+    /// At most one RTT sample per TCP connection per interval [default: 1s].
+    #[arg(long, env = "STALLWATCH_TCP_RTT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub tcp_rtt_interval: Option<Duration>,
 }
 
 impl Flags {
@@ -197,6 +206,10 @@ impl Flags {
                 .syscall_max_entries
                 .or(file.syscall_max_entries)
                 .unwrap_or(d.syscall_max_entries),
+            tcp_rtt_interval: self
+                .tcp_rtt_interval
+                .or(file.tcp_rtt_interval)
+                .unwrap_or(d.tcp_rtt_interval),
         };
         c.validate()?;
         Ok(c)

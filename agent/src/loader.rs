@@ -79,6 +79,17 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
     let by_nr = u32::from(config.syscall_names);
     let slow_ns = u64::try_from(config.slow_syscall.as_nanos()).unwrap_or(u64::MAX);
     let self_tgid = std::process::id();
+    let field = |ty: &str, member: &str| {
+        kernel
+            .kbtf
+            .member_offset(ty, member)
+            .with_context(|| format!("finding {ty}.{member} in kernel BTF"))
+    };
+    let sk_protocol = field("sock", "sk_protocol")?;
+    let sk_err = field("sock", "sk_err")?;
+    let sk_err_soft = field("sock", "sk_err_soft")?;
+    let tcp_srtt = field("tcp_sock", "srtt_us")?;
+    let rtt_ns = u64::try_from(config.tcp_rtt_interval.as_nanos()).unwrap_or(u64::MAX);
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&kernel.btf))
@@ -90,11 +101,17 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)
         .override_global(names::GLOBAL_SC_SLOW_NS, &slow_ns, true)
         .override_global(names::GLOBAL_SC_SELF_TGID, &self_tgid, true)
+        .override_global(names::GLOBAL_SK_PROTOCOL_OFF, &sk_protocol, true)
+        .override_global(names::GLOBAL_SK_ERR_OFF, &sk_err, true)
+        .override_global(names::GLOBAL_SK_ERR_SOFT_OFF, &sk_err_soft, true)
+        .override_global(names::GLOBAL_TCP_SRTT_OFF, &tcp_srtt, true)
+        .override_global(names::GLOBAL_TCP_RTT_INTERVAL_NS, &rtt_ns, true)
         // Task-local storage (SW_THREADS) has no userspace wrapper in aya; only the kernel
         // programs use it.
         .allow_unsupported_maps()
         .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
         .map_max_entries(names::MAP_EVENTS, config.event_buffer)
+        .map_max_entries(names::MAP_PROC_TCP, config.max_processes)
         .map_max_entries(names::MAP_SC_STATS, config.syscall_max_entries)
         .map_max_entries(names::MAP_SC_ERRORS, config.syscall_max_entries)
         .map_max_entries(names::MAP_SC_SLOW, config.event_buffer)

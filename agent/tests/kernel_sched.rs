@@ -259,7 +259,7 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
     let agent = Agent::start(&[
         "--bpf-stats",
         "--probes",
-        "sched,syscalls",
+        "sched,syscalls,tcp",
         "--syscall-names",
     ]);
     // Some activity so every family has samples.
@@ -277,7 +277,7 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
         String::from_utf8_lossy(std::mem::take(&mut promtool.stderr).as_slice())
     );
     let m = Metrics::parse(&body);
-    for probe in ["sched", "syscalls"] {
+    for probe in ["sched", "syscalls", "tcp"] {
         assert_eq!(
             m.sum("stallwatch_probe_attached", &[("probe", probe)]),
             1.0,
@@ -299,7 +299,14 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
             &[("program", "sw_sys_exit")]
         ) > 0.0
     );
-    for probe_metric in [RUNQ, OFFCPU_HIST, "stallwatch_syscall_latency_seconds"] {
+    // The test's own HTTP connections to the agent are TCP activity.
+    for probe_metric in [
+        RUNQ,
+        OFFCPU_HIST,
+        "stallwatch_syscall_latency_seconds",
+        "stallwatch_tcp_connect_latency_seconds",
+        "stallwatch_tcp_accept_queue_seconds",
+    ] {
         assert!(
             m.has(&format!("{probe_metric}_bucket")),
             "{probe_metric} missing"

@@ -10,6 +10,8 @@
 //!    (getppid in a loop) runs pinned, beside libbpf-tools `syscount -L`; and the same with the
 //!    probe scoped to another process (the floor an unselected process pays).
 //! 4. Syscall slowdown: alternating off/on `perf bench syscall basic`; ns added per syscall.
+//! 5. TCP probe cost: BPF stats under a loopback connection storm (swload), beside the
+//!    libbpf-tools peers that can attach here (tcplife; tcpconnlat needs kprobes or fentry).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -28,6 +30,9 @@ pub struct Args {
     /// Messages per `perf bench sched pipe` run.
     #[arg(long, default_value_t = 200_000)]
     loops: u64,
+    /// Loopback connections in the TCP storm.
+    #[arg(long, default_value_t = 20_000)]
+    connections: u64,
     /// getppid calls per `perf bench syscall basic` run.
     #[arg(long, default_value_t = 2_000_000)]
     syscall_loops: u64,
@@ -109,10 +114,6 @@ fn perf_bench(argv: &[String]) -> anyhow::Result<f64> {
 struct Agent(Child);
 
 impl Agent {
-    fn start(bin: &std::path::Path) -> anyhow::Result<Agent> {
-        Agent::start_with(bin, &[])
-    }
-
     fn start_with(bin: &std::path::Path, extra: &[&str]) -> anyhow::Result<Agent> {
         let mut child = Command::new(bin)
             .args(["run", "--listen", "127.0.0.1:0"])
@@ -232,7 +233,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _stats = StatsGuard::enable()?;
         let mut owners: Vec<(&str, Vec<u64>)> = Vec::new();
         let base = prog_stats()?;
-        let _agent = Agent::start(&bin)?;
+        let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         owners.push(("stallwatch", new_ids(&base)?));
         let base = prog_stats()?;
         let _runqlat = Peer::start(&["runqlat", "3600"])?;
@@ -321,7 +322,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut on = Vec::new();
     for _ in 0..args.pairs {
         off.push(sched_pipe(args.loops)?);
-        let _agent = Agent::start(&bin)?;
+        let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         on.push(sched_pipe(args.loops)?);
     }
     let spread = |v: &[f64]| {
@@ -344,6 +345,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         on
     ));
     report.push_str(&syscall_sections(&bin, args)?);
+    report.push_str(&tcp_section(&bin, args)?);
     let report = report.replacen(
         " in 0 s.",
         &format!(" in {:.0} s.", started.elapsed().as_secs_f64()),
@@ -488,5 +490,139 @@ fn syscall_sections(bin: &std::path::Path, args: &Args) -> anyhow::Result<String
         fmt(&off),
         fmt(&on),
     ));
+    Ok(report)
+}
+
+/// Starts a peer that may not be able to attach on this kernel: its BPF program ids, or
+/// why it failed (its stderr).
+fn try_peer(argv: &[&str]) -> anyhow::Result<Result<(Peer, Vec<u64>), String>> {
+    let base = prog_stats()?;
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} (libbpf-tools; `cargo xtask setup`)", argv[0]))?;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                e.read_to_string(&mut err).ok();
+            }
+            let first = err
+                .lines()
+                .find(|l| l.contains("failed"))
+                .unwrap_or(err.trim());
+            return Ok(Err(format!("exited ({status}): {first}")));
+        }
+        let ids = new_ids(&base)?;
+        if !ids.is_empty() {
+            std::thread::sleep(Duration::from_secs(1));
+            let ids = new_ids(&base)?;
+            return Ok(Ok((Peer(child), ids)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(Err("loaded no BPF program within 10 s".into()))
+}
+
+/// Section 5: the TCP probe under a loopback connection storm.
+fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
+    cmd::run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "stallwatch",
+        "--bin",
+        "swload",
+    ]))?;
+    let swload = bin.with_file_name("swload");
+    let addr = "127.0.0.1:18977";
+    let n = args.connections.to_string();
+    let _stats = StatsGuard::enable()?;
+    let mut owners: Vec<(&str, Vec<u64>)> = Vec::new();
+    let base = prog_stats()?;
+    let _agent = Agent::start_with(bin, &["--probes", "tcp"])?;
+    owners.push(("stallwatch", new_ids(&base)?));
+    let mut peers = Vec::new();
+    let mut failed = Vec::new();
+    for peer in [&["tcplife"][..], &["tcpconnlat"][..]] {
+        match try_peer(peer)? {
+            Ok((p, ids)) => {
+                owners.push((peer[0], ids));
+                peers.push(p);
+            }
+            Err(why) => failed.push(format!("`{}` could not attach: {why}", peer[0])),
+        }
+    }
+    let mut server = Command::new(&swload)
+        .args(["tcp-serve", addr, &n, "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the swload server")?;
+    let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "listening" => {}
+        other => bail!("swload server did not start listening: {other:?}"),
+    }
+    let before = prog_stats()?;
+    let t0 = Instant::now();
+    let client = Command::new(&swload)
+        .args(["tcp-connect", addr, &n])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the swload client")?;
+    // The client prints `done` and then waits for stdin, which is /dev/null: it exits.
+    let out = client.wait_with_output()?;
+    let storm = t0.elapsed();
+    if !out.status.success() {
+        bail!("swload client failed");
+    }
+    let _ = lines.next();
+    drop(server.stdin.take());
+    let _ = server.wait();
+    let after = prog_stats()?;
+    let rows = deltas(&owners, &before, &after);
+    let conns = args.connections;
+    let mut report = format!(
+        "\n## BPF cost of the tcp probe (loopback connection storm)\n\n\
+         Workload: `swload tcp-serve {addr} {n} 0` and `swload tcp-connect {addr} {n}`: {conns} \
+         sequential connections, each sending one byte and reading its echo ({:.2} s with \
+         everything attached, {:.1} µs per connection). Agent: `stallwatch run --probes tcp`; \
+         peers attached in the same run: {}.\n\n\
+         | tool | program | runs | total ns | ns/run |\n|---|---|---:|---:|---:|\n",
+        storm.as_secs_f64(),
+        storm.as_secs_f64() * 1e6 / conns as f64,
+        owners[1..]
+            .iter()
+            .map(|(t, _)| format!("`{t}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (tool, name, dt, dc) in &rows {
+        if *dc == 0 {
+            continue;
+        }
+        report.push_str(&format!(
+            "| {tool} | `{name}` | {dc} | {dt} | {:.1} |\n",
+            *dt as f64 / *dc as f64
+        ));
+    }
+    report.push_str("\nPer connection (both ends; total BPF time of the tool / connections):\n\n| tool | BPF ns per connection |\n|---|---:|\n");
+    for (tool, _) in &owners {
+        let total: u64 = rows.iter().filter(|r| r.0 == *tool).map(|r| r.2).sum();
+        report.push_str(&format!(
+            "| {tool} | {:.0} |\n",
+            total as f64 / conns as f64
+        ));
+    }
+    for f in failed {
+        report.push_str(&format!("\n{f}\n"));
+    }
+    drop(peers);
     Ok(report)
 }

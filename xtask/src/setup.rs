@@ -9,9 +9,12 @@ use crate::cmd;
 
 /// Needed to build bpf-linker (it links LLVM 22).
 const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
-/// Used by tests and benchmarks: promtool, the libbpf-tools peers, bpftool, perf, load generators.
+/// Used by tests and benchmarks: promtool, the libbpf-tools peers, bpftool, perf, load
+/// generators; iproute2 (ip netns, ss) and iptables for the TCP tests' namespaces.
 const TEST_PACKAGES: &[&str] = &[
     "prometheus",
+    "iproute2",
+    "iptables",
     "libbpf-tools",
     "bpftool",
     "linux-perf",

@@ -18,6 +18,18 @@ pub trait Counters: Clone + PartialEq + std::fmt::Debug {
     fn checked_sub(&self, earlier: &Self) -> Option<Self>;
 }
 
+impl Counters for stallwatch_common::tcp::TcpStats {
+    fn zero() -> Self {
+        Self::ZERO
+    }
+    fn add(&mut self, other: &Self) {
+        Self::add(self, other)
+    }
+    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
+        Self::checked_sub(self, earlier)
+    }
+}
+
 impl Counters for SchedStats {
     fn zero() -> Self {
         SchedStats::ZERO

@@ -12,6 +12,12 @@
 //!   swload piperead MS           a blocking pipe read; another thread writes after MS ms
 //!   swload getppid COUNT         COUNT getppid calls
 //!   swload openmissing COUNT     COUNT open()s of a file that does not exist (ENOENT)
+//!   swload tcp-serve ADDR COUNT MS   listen on ADDR (ip:port), print `listening`; with MS > 0
+//!                                wait for a queued connection and leave it queued MS ms; then
+//!                                accept COUNT connections and echo each until EOF
+//!   swload tcp-connect ADDR COUNT  COUNT sequential connections: send a byte, read the echo, close
+//!   swload tcp-try ADDR SYNCNT     one connect (TCP_SYNCNT=SYNCNT if > 0) that is expected to fail
+//!   swload tcp-pingpong ADDR MS COUNT  one connection, COUNT echoes MS ms apart, kept open
 //!
 //! With SWLOAD_GATE=1 the workload first prints `ready`, then waits for SIGUSR1 (in
 //! rt_sigtimedwait, a `process`-class syscall) before working, so a test can read the agent's
@@ -24,7 +30,8 @@ use std::time::{Duration, Instant};
 fn usage() -> ! {
     eprintln!(
         "usage: swload sleep COUNT MS | spin THREADS MS CPU | vfork MS | futex COUNT MS | \
-         piperead MS | getppid COUNT | openmissing COUNT"
+         piperead MS | getppid COUNT | openmissing COUNT | tcp-serve ADDR COUNT MS | \
+         tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT | tcp-pingpong ADDR MS COUNT"
     );
     std::process::exit(2);
 }
@@ -255,6 +262,162 @@ fn main() {
             }
             done_and_wait(&[gettid()]);
         }
+        Some("tcp-serve") => {
+            let addr: std::net::SocketAddr = arg(&args, 2);
+            let count: usize = arg(&args, 3);
+            let ms: u64 = arg(&args, 4);
+            let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| {
+                eprintln!("swload: bind {addr}: {e}");
+                std::process::exit(1)
+            });
+            println!("listening");
+            std::io::stdout().flush().ok();
+            if ms > 0 {
+                // Wait until a connection is in the accept queue, then leave it there MS ms.
+                use std::os::fd::AsRawFd;
+                let mut pfd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+                nanosleep(Duration::from_millis(ms));
+            }
+            let mut handlers = Vec::new();
+            for _ in 0..count {
+                let (conn, _) = listener.accept().expect("accept");
+                handlers.push(std::thread::spawn(move || echo(conn)));
+                // Finished handlers are joined as we go, so 10,000 connections do not
+                // mean 10,000 threads.
+                handlers.retain(|h| !h.is_finished());
+            }
+            for h in handlers {
+                h.join().unwrap();
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("tcp-connect") => {
+            let addr: std::net::SocketAddr = arg(&args, 2);
+            let count: usize = arg(&args, 3);
+            for _ in 0..count {
+                let mut c = std::net::TcpStream::connect(addr).unwrap_or_else(|e| {
+                    eprintln!("swload: connect {addr}: {e}");
+                    std::process::exit(1)
+                });
+                c.write_all(b"x").expect("send");
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b).expect("echo");
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("tcp-try") => {
+            let addr: std::net::SocketAddr = arg(&args, 2);
+            let syncnt: i32 = arg(&args, 3);
+            match connect_with_syncnt(addr, syncnt) {
+                Ok(()) => {
+                    eprintln!("swload: connect {addr} succeeded, expected a failure");
+                    std::process::exit(1);
+                }
+                Err(e) => eprintln!("swload: connect {addr}: {e} (expected)"),
+            }
+            done_and_wait(&[gettid()]);
+        }
+        Some("tcp-pingpong") => {
+            let addr: std::net::SocketAddr = arg(&args, 2);
+            let ms: u64 = arg(&args, 3);
+            let count: usize = arg(&args, 4);
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            let mut b = [0u8; 1];
+            for _ in 0..count {
+                c.write_all(b"x").expect("send");
+                c.read_exact(&mut b).expect("echo");
+                nanosleep(Duration::from_millis(ms));
+            }
+            // Keep the connection open (for `ss`) until stdin closes.
+            done_and_wait(&[gettid()]);
+            drop(c);
+        }
         _ => usage(),
+    }
+}
+
+fn echo(mut conn: std::net::TcpStream) {
+    let mut buf = [0u8; 512];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A blocking connect with TCP_SYNCNT set (how many SYN retransmits before giving up).
+fn connect_with_syncnt(addr: std::net::SocketAddr, syncnt: i32) -> std::io::Result<()> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on an fd we own; the sockaddr structs are initialised
+    // and their lengths passed.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if syncnt > 0 {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                (&syncnt as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
+        let r = match addr {
+            std::net::SocketAddr::V4(a) => {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::connect(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+            std::net::SocketAddr::V6(a) => {
+                let sa = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                libc::connect(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        };
+        let result = if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        libc::close(fd);
+        result
     }
 }

@@ -89,6 +89,60 @@ pub const SYSCALL_ERRORS: MetricDef = MetricDef {
     source: "tp_btf/sys_exit",
 };
 
+pub const TCP_CONNECT_LATENCY: MetricDef = MetricDef {
+    name: "stallwatch_tcp_connect_latency_seconds",
+    kind: Kind::Histogram,
+    help: "Outbound TCP connect latency, SYN sent to established, for connects that succeeded; attributed to the process that called connect.",
+    labels: &[],
+    per_process: true,
+    source: "tp_btf/inet_sock_set_state",
+};
+
+pub const TCP_CONNECTIONS: MetricDef = MetricDef {
+    name: "stallwatch_tcp_connections_total",
+    kind: Kind::Counter,
+    help: "TCP connections by direction and result. Outbound: established, refused (RST), timeout, reset, unreachable (ICMP), abandoned (closed while connecting). Inbound: accepted (the application took it: first read, write or close), closed_before_accept.",
+    labels: &["direction", "result"],
+    per_process: true,
+    source: "tp_btf/inet_sock_set_state, tcp_receive_reset, tcp_rcv_space_adjust, tcp_sendmsg_locked",
+};
+
+pub const TCP_ACCEPT_QUEUE: MetricDef = MetricDef {
+    name: "stallwatch_tcp_accept_queue_seconds",
+    kind: Kind::Histogram,
+    help: "Inbound connections: handshake completed until the application first used the connection (read, write or close); no tracepoint marks accept() itself. Attributed to the process that used it.",
+    labels: &[],
+    per_process: true,
+    source: "tp_btf/inet_sock_set_state, tcp_rcv_space_adjust, tcp_sendmsg_locked",
+};
+
+pub const TCP_RTT: MetricDef = MetricDef {
+    name: "stallwatch_tcp_rtt_seconds",
+    kind: Kind::Histogram,
+    help: "Smoothed RTT (srtt) of the process's connections, sampled at most once per connection per --tcp-rtt-interval (1s) when a segment arrives.",
+    labels: &[],
+    per_process: true,
+    source: "tp_btf/tcp_probe",
+};
+
+pub const TCP_RETRANSMITS: MetricDef = MetricDef {
+    name: "stallwatch_tcp_retransmits_total",
+    kind: Kind::Counter,
+    help: "Retransmitted TCP segments (data, SYN and SYN-ACK) of the process's sockets.",
+    labels: &[],
+    per_process: true,
+    source: "tp_btf/tcp_retransmit_skb, tcp_retransmit_synack",
+};
+
+pub const TCP_RESETS: MetricDef = MetricDef {
+    name: "stallwatch_tcp_resets_total",
+    kind: Kind::Counter,
+    help: "TCP resets sent and received on the process's sockets (RSTs answering segments for no socket are not attributed).",
+    labels: &["direction"],
+    per_process: true,
+    source: "tp_btf/tcp_send_reset, tcp_receive_reset",
+};
+
 pub const BUILD_INFO: MetricDef = MetricDef {
     name: "stallwatch_build_info",
     kind: Kind::Gauge,
@@ -168,6 +222,12 @@ pub const ALL: &[&MetricDef] = &[
     &CONTEXT_SWITCHES,
     &SYSCALL_LATENCY,
     &SYSCALL_ERRORS,
+    &TCP_CONNECT_LATENCY,
+    &TCP_CONNECTIONS,
+    &TCP_ACCEPT_QUEUE,
+    &TCP_RTT,
+    &TCP_RETRANSMITS,
+    &TCP_RESETS,
     &BUILD_INFO,
     &PROBE_ATTACHED,
     &EVENTS_DROPPED,

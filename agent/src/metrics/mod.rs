@@ -191,6 +191,47 @@ pub fn syscall_families(
         .collect()
 }
 
+/// The TCP probe's per-process families.
+pub fn tcp_families(series: &[(SeriesKey, stallwatch_common::tcp::TcpStats)]) -> Vec<MetricFamily> {
+    use stallwatch_common::tcp::{Inbound, Outbound};
+    let mut connect = Family::new(&catalogue::TCP_CONNECT_LATENCY);
+    let mut conns = Family::new(&catalogue::TCP_CONNECTIONS);
+    let mut accept = Family::new(&catalogue::TCP_ACCEPT_QUEUE);
+    let mut rtt = Family::new(&catalogue::TCP_RTT);
+    let mut retrans = Family::new(&catalogue::TCP_RETRANSMITS);
+    let mut resets = Family::new(&catalogue::TCP_RESETS);
+    for (key, s) in series {
+        let pid = key.pid.map(|p| p.to_string());
+        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
+        if let Some(pid) = &pid {
+            labels.push(("pid", pid));
+        }
+        connect.histogram(&labels, &s.connect);
+        accept.histogram(&labels, &s.accept_wait);
+        rtt.histogram(&labels, &s.rtt);
+        for r in Outbound::ALL {
+            let mut l = labels.clone();
+            l.extend([("direction", "outbound"), ("result", r.label())]);
+            conns.value(&l, s.outbound[r as usize] as f64);
+        }
+        for r in Inbound::ALL {
+            let mut l = labels.clone();
+            l.extend([("direction", "inbound"), ("result", r.label())]);
+            conns.value(&l, s.inbound[r as usize] as f64);
+        }
+        retrans.value(&labels, s.retransmits as f64);
+        for (dir, v) in [("sent", s.resets_sent), ("received", s.resets_received)] {
+            let mut l = labels.clone();
+            l.push(("direction", dir));
+            resets.value(&l, v as f64);
+        }
+    }
+    [connect, conns, accept, rtt, retrans, resets]
+        .into_iter()
+        .filter_map(Family::finish)
+        .collect()
+}
+
 /// Prometheus text exposition of `families`.
 pub fn encode(families: &[MetricFamily]) -> String {
     use prometheus::Encoder;
@@ -240,6 +281,30 @@ mod tests {
         }
         let want = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(text == want, "{name} changed; got:\n{text}");
+    }
+
+    #[test]
+    fn tcp_exposition_golden() {
+        use stallwatch_common::tcp::{Inbound, Outbound, TcpStats};
+        let mut s = TcpStats::ZERO;
+        s.connect.observe(150_000);
+        s.accept_wait.observe(210_000_000);
+        s.rtt.observe(60_000);
+        s.outbound[Outbound::Established as usize] = 1;
+        s.outbound[Outbound::Refused as usize] = 2;
+        s.inbound[Inbound::Accepted as usize] = 1;
+        s.retransmits = 3;
+        s.resets_received = 2;
+        let key = SeriesKey {
+            comm: "client".into(),
+            cgroup: "/".into(),
+            pid: Some(42),
+        };
+        let text = encode(&tcp_families(&[(key, s)]));
+        golden("tcp_exposition.txt", &text);
+        assert!(text.contains("stallwatch_tcp_connections_total{comm=\"client\",cgroup=\"/\",pid=\"42\",direction=\"outbound\",result=\"refused\"} 2"));
+        assert!(text.contains("stallwatch_tcp_resets_total{comm=\"client\",cgroup=\"/\",pid=\"42\",direction=\"received\"} 2"));
+        assert!(text.contains("stallwatch_tcp_accept_queue_seconds_bucket{comm=\"client\",cgroup=\"/\",pid=\"42\",le=\"0.268435456\"} 1"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod lifecycle;
 pub mod process;
 pub mod sched;
 pub mod syscalls;
+pub mod tcp;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -103,6 +104,7 @@ pub fn start(name: &str, ctx: StartCtx<'_>) -> anyhow::Result<Started> {
     match name {
         sched::NAME => sched::start(ctx),
         syscalls::NAME => syscalls::start(ctx),
+        tcp::NAME => tcp::start(ctx),
         other => anyhow::bail!("no probe named {other:?}"),
     }
 }

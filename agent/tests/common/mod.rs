@@ -233,7 +233,20 @@ pub struct Workload {
 
 impl Workload {
     fn spawn(args: &[&str], gated: bool) -> Workload {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_swload"));
+        Workload::spawn_in(None, args, gated)
+    }
+
+    /// `swload args...`, inside network namespace `netns` if given (`ip netns exec` execs
+    /// the workload, so its pid is the workload's).
+    fn spawn_in(netns: Option<&str>, args: &[&str], gated: bool) -> Workload {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_swload")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_swload")),
+        };
         cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
         if gated {
             cmd.env("SWLOAD_GATE", "1");
@@ -259,7 +272,22 @@ impl Workload {
         }
     }
 
-    fn expect_done(&mut self, timeout: Duration) {
+    /// Starts `swload args...` in `netns` without waiting for anything.
+    pub fn start_in(netns: &str, args: &[&str]) -> Workload {
+        Workload::spawn_in(Some(netns), args, false)
+    }
+
+    /// Waits (up to `timeout`) for the workload to print `line`.
+    pub fn expect_line(&self, line: &str, timeout: Duration) {
+        let got = self
+            .lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("workload did not print {line:?} in time"));
+        assert_eq!(got, line, "unexpected workload output");
+    }
+
+    /// Waits (up to `timeout`) until the workload reports done.
+    pub fn expect_done(&mut self, timeout: Duration) {
         let line = self
             .lines
             .recv_timeout(timeout)

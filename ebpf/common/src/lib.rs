@@ -10,6 +10,7 @@ pub mod hist;
 pub mod names;
 pub mod sched;
 pub mod syscall;
+pub mod tcp;
 
 pub use hist::{bucket_index, Hist, NUM_BUCKETS};
 
@@ -40,9 +41,21 @@ pub enum Counter {
     SyscallAllocFailed = 9,
     /// A slow-syscall event was lost: its ring buffer was full.
     SlowRingFull = 10,
+    /// A socket's state could not be created in socket-local storage.
+    SockStateFailed = 11,
+    /// A process could not be tracked by the TCP probe: its per-process map was full.
+    TcpProcMapFull = 12,
+    /// A TCP per-process entry could not be allocated.
+    TcpProcAllocFailed = 13,
+    /// A retransmit or reset on a socket without state (opened before the agent started, or
+    /// whose state could not be created): not attributed to a process.
+    TcpUntracked = 14,
+    /// Socket states created / deleted; the difference is the socket map's size.
+    SockInserted = 15,
+    SockDeleted = 16,
 }
 
-pub const NUM_COUNTERS: u32 = 11;
+pub const NUM_COUNTERS: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
@@ -57,6 +70,12 @@ impl Counter {
         Counter::SyscallMapFull,
         Counter::SyscallAllocFailed,
         Counter::SlowRingFull,
+        Counter::SockStateFailed,
+        Counter::TcpProcMapFull,
+        Counter::TcpProcAllocFailed,
+        Counter::TcpUntracked,
+        Counter::SockInserted,
+        Counter::SockDeleted,
     ];
 }
 
@@ -92,4 +111,5 @@ mod user {
     unsafe impl aya::Pod for super::syscall::SyscallErrKey {}
     unsafe impl aya::Pod for super::syscall::SlowSyscall {}
     unsafe impl aya::Pod for super::hist::Hist {}
+    unsafe impl aya::Pod for super::tcp::TcpStats {}
 }

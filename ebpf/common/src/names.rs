@@ -26,6 +26,19 @@ pub const MAP_SC_PIDS: &str = "SW_SC_PIDS";
 /// In-kernel scope: selected cgroup v2 ids (`HashMap<u64, u8>`), matched with descendants.
 pub const MAP_SC_CGROUPS: &str = "SW_SC_CGROUPS";
 
+/// TCP probe: per-socket state (socket-local storage of `SockState`, cloned to children).
+pub const MAP_SOCKS: &str = "SW_SOCKS";
+/// Per-process TCP aggregates (`PerCpuHashMap<u32, TcpStats>`).
+pub const MAP_PROC_TCP: &str = "SW_PROC_TCP";
+
+/// Globals set by the agent from kernel BTF: byte offsets in `struct sock` / `tcp_sock`.
+pub const GLOBAL_SK_PROTOCOL_OFF: &str = "SK_PROTOCOL_OFF";
+pub const GLOBAL_SK_ERR_OFF: &str = "SK_ERR_OFF";
+pub const GLOBAL_SK_ERR_SOFT_OFF: &str = "SK_ERR_SOFT_OFF";
+pub const GLOBAL_TCP_SRTT_OFF: &str = "TCP_SRTT_OFF";
+/// Global: at most one RTT sample per socket per this many ns.
+pub const GLOBAL_TCP_RTT_INTERVAL_NS: &str = "TCP_RTT_NS";
+
 /// Global (`.rodata`): `FILTER_*` bits of the active syscall scopes.
 pub const GLOBAL_SC_FILTER: &str = "SC_FILTER";
 /// Global: bit mask of the cgroup levels the cgroup scope names.
@@ -61,6 +74,17 @@ pub const PROG_PROC_EXEC: &str = "sw_proc_exec";
 /// tp_btf/sys_enter and sys_exit (raw_syscalls).
 pub const PROG_SYS_ENTER: &str = "sw_sys_enter";
 pub const PROG_SYS_EXIT: &str = "sw_sys_exit";
+/// TCP probe programs (tp_btf).
+pub const PROG_TCP_STATE: &str = "sw_tcp_state";
+/// tcp_retransmit_skb with the `err` argument (6.14+), and without.
+pub const PROG_TCP_RETRANS: &str = "sw_tcp_retrans";
+pub const PROG_TCP_RETRANS_V1: &str = "sw_tcp_retrans_v1";
+pub const PROG_TCP_SYNACK: &str = "sw_tcp_synack";
+pub const PROG_TCP_SEND_RST: &str = "sw_tcp_send_rst";
+pub const PROG_TCP_RECV_RST: &str = "sw_tcp_recv_rst";
+pub const PROG_TCP_PROBE: &str = "sw_tcp_probe";
+pub const PROG_TCP_RECV: &str = "sw_tcp_recv";
+pub const PROG_TCP_SEND: &str = "sw_tcp_send";
 /// tp_btf/sched_process_fork: allocates a new process's entry outside the scheduler hot path.
 pub const PROG_FORK: &str = "sw_fork";
 
@@ -76,6 +100,8 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_SC_SLOW,
     MAP_SC_PIDS,
     MAP_SC_CGROUPS,
+    MAP_SOCKS,
+    MAP_PROC_TCP,
 ];
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SWITCH,
@@ -88,6 +114,15 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_PROC_EXEC,
     PROG_SYS_ENTER,
     PROG_SYS_EXIT,
+    PROG_TCP_STATE,
+    PROG_TCP_RETRANS,
+    PROG_TCP_RETRANS_V1,
+    PROG_TCP_SYNACK,
+    PROG_TCP_SEND_RST,
+    PROG_TCP_RECV_RST,
+    PROG_TCP_PROBE,
+    PROG_TCP_RECV,
+    PROG_TCP_SEND,
 ];
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ mod lifecycle;
 mod sched;
 mod shared;
 mod syscall;
-mod task_storage;
+mod tcp;
+mod local_storage;
 
 #[cfg(not(test))]
 #[panic_handler]

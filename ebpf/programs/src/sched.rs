@@ -17,7 +17,7 @@ use stallwatch_common::{
 };
 
 use crate::shared::{count, task_pid, task_state, task_tgid};
-use crate::task_storage::TaskStorage;
+use crate::local_storage::TaskStorage;
 
 const E2BIG: i32 = 7;
 

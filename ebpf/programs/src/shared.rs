@@ -47,10 +47,11 @@ pub fn atomic_add(p: *mut u64, v: u64) {
     };
 }
 
+/// Reads a kernel object's field at a byte offset the agent found in BTF (a global).
 #[inline(always)]
-fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
+pub fn read_field<T>(obj: *const u8, offset_global: &'static u32) -> Option<T> {
     let off = unsafe { core::ptr::read_volatile(offset_global) };
-    let field = task.wrapping_add(off as usize) as *const u32;
+    let field = obj.wrapping_add(off as usize) as *const T;
     match unsafe { bpf_probe_read_kernel(field) } {
         Ok(v) => Some(v),
         Err(_) => {
@@ -58,6 +59,11 @@ fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
             None
         }
     }
+}
+
+#[inline(always)]
+fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
+    read_field(task, offset_global)
 }
 
 /// `task->tgid` of any task (not only current).

@@ -26,7 +26,7 @@ use stallwatch_common::{
 };
 
 use crate::shared::{atomic_add, count};
-use crate::task_storage::TaskStorage;
+use crate::local_storage::TaskStorage;
 
 const E2BIG: i32 = 7;
 
