@@ -78,7 +78,7 @@ pub const PROG_SYS_EXIT: &str = "sw_sys_exit";
 pub const PROG_TCP_STATE: &str = "sw_tcp_state";
 /// tcp_retransmit_skb with the `err` argument (6.14+), and without.
 pub const PROG_TCP_RETRANS: &str = "sw_tcp_retrans";
-pub const PROG_TCP_RETRANS_V1: &str = "sw_tcp_retrans_v1";
+pub const PROG_TCP_RETRANS_V1: &str = "sw_tcp_retrans1";
 pub const PROG_TCP_SYNACK: &str = "sw_tcp_synack";
 pub const PROG_TCP_SEND_RST: &str = "sw_tcp_send_rst";
 pub const PROG_TCP_RECV_RST: &str = "sw_tcp_recv_rst";

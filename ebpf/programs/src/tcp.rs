@@ -258,7 +258,7 @@ pub fn sw_tcp_retrans(ctx: BtfTracePointContext) -> u32 {
 
 /// For kernels whose tracepoint has no `err` (before 6.14): every event went out.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn sw_tcp_retrans_v1(ctx: BtfTracePointContext) -> u32 {
+pub fn sw_tcp_retrans1(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb)
     owner_count(ctx.arg(0), |st| &mut st.retransmits);
     0
