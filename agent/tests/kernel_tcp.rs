@@ -100,6 +100,33 @@ impl Net {
         ]);
     }
 
+    /// The server namespace answers SYNs to `port` with ICMP host unreachable.
+    fn reject_unreachable(&self, port: u16) {
+        let (tool, with) = match self.family {
+            Family::V4 => ("iptables", "icmp-host-unreachable"),
+            Family::V6 => ("ip6tables", "icmp6-addr-unreachable"),
+        };
+        let port = port.to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.b,
+            tool,
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            &port,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            with,
+        ]);
+    }
+
     /// `Tcp: RetransSegs` of the client namespace (the TCP MIB covers IPv4 and IPv6).
     fn client_retrans_segs(&self) -> u64 {
         let snmp = sh(&["ip", "netns", "exec", &self.a, "cat", "/proc/net/snmp"]);
@@ -267,6 +294,25 @@ fn dropped_syns_time_out_and_retransmits_match_snmp_v6() {
         return;
     };
     dropped_syns_time_out(Family::V6);
+}
+
+#[test]
+fn icmp_unreachable_is_classified_unreachable() {
+    let Some(_g) = kernel_or_skip("icmp_unreachable_is_classified_unreachable") else {
+        return;
+    };
+    for family in [Family::V4, Family::V6] {
+        let net = Net::new("u", family);
+        net.reject_unreachable(6666);
+        let agent = agent();
+        let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(6666), "1"]);
+        client.expect_done(Duration::from_secs(30));
+        let m = agent.scrape();
+        let c = client.pid_label();
+        assert_eq!(conns(&m, &c, "outbound", "unreachable"), 1.0, "{family:?}");
+        assert_eq!(conns(&m, &c, "outbound", "timeout"), 0.0, "{family:?}");
+        client.finish();
+    }
 }
 
 #[test]
