@@ -20,7 +20,6 @@ pub const NAME: &str = "tcp";
 const PROGRAMS: &[(&str, &str)] = &[
     (names::PROG_TCP_STATE, "inet_sock_set_state"),
     (names::PROG_TCP_RECV, "tcp_rcv_space_adjust"),
-    (names::PROG_TCP_SEND, "tcp_sendmsg_locked"),
     (names::PROG_TCP_SYNACK, "tcp_retransmit_synack"),
     (names::PROG_TCP_SEND_RST, "tcp_send_reset"),
     (names::PROG_TCP_RECV_RST, "tcp_receive_reset"),
@@ -109,6 +108,27 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
     };
     attach_tp_btf(ctx.ebpf, ctx.kernel, retrans, "tcp_retransmit_skb")?;
     programs.push(retrans);
+    // tcp_sendmsg_locked is recent (6.8); without it, a connection the server writes to
+    // before reading is taken as accepted at its first read or close instead.
+    if ctx
+        .kernel
+        .kbtf
+        .func_proto_param_count("btf_trace_tcp_sendmsg_locked")
+        .is_ok()
+    {
+        attach_tp_btf(
+            ctx.ebpf,
+            ctx.kernel,
+            names::PROG_TCP_SEND,
+            "tcp_sendmsg_locked",
+        )?;
+        programs.push(names::PROG_TCP_SEND);
+    } else {
+        log::warn!(
+            "no tcp_sendmsg_locked tracepoint on this kernel: accept-queue waits of servers \
+             that write first end at their first read or close"
+        );
+    }
     programs.extend(ctx.lifecycle.programs.iter().copied());
     state.lock().expect("tcp state lock poisoned").prime();
     Ok(super::Started {
