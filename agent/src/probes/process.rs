@@ -38,6 +38,57 @@ pub trait Source: Send + 'static {
     fn entries(&self) -> usize;
 }
 
+/// A per-CPU hash with one entry per process (`SW_PROC_SCHED`, `SW_PROC_TCP`), summed over
+/// CPUs.
+pub struct TgidMap<V: aya::Pod> {
+    pub procs: aya::maps::PerCpuHashMap<aya::maps::MapData, u32, V>,
+    entries: usize,
+}
+
+impl<V: aya::Pod> TgidMap<V> {
+    pub fn new(procs: aya::maps::PerCpuHashMap<aya::maps::MapData, u32, V>) -> Self {
+        TgidMap { procs, entries: 0 }
+    }
+}
+
+fn fold_cpus<V: Counters>(values: &[V]) -> V {
+    let mut total = V::zero();
+    for v in values {
+        total.add(v);
+    }
+    total
+}
+
+impl<V: aya::Pod + Counters + Send + Sync> Source for TgidMap<V> {
+    type Value = V;
+
+    fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, V)> {
+        let mut snapshot = Vec::new();
+        for item in self.procs.iter() {
+            match item {
+                Ok((tgid, values)) => snapshot.push((tgid, fold_cpus(&values))),
+                // An entry deleted between get_next_key and lookup: skip it.
+                Err(_) => *failed += 1,
+            }
+        }
+        self.entries = snapshot.len();
+        snapshot
+    }
+
+    fn read_one(&mut self, tgid: u32) -> Option<V> {
+        self.procs.get(&tgid, 0).ok().map(|v| fold_cpus(&v))
+    }
+
+    fn remove(&mut self, tgid: u32) {
+        // ENOENT is fine: another path retired it first.
+        let _ = self.procs.remove(&tgid);
+    }
+
+    fn entries(&self) -> usize {
+        self.entries
+    }
+}
+
 /// Userspace-side drops, exported beside the kernel's counters.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct UserDrops {

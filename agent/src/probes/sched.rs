@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::PerCpuHashMap;
 use prometheus::proto::MetricFamily;
 use stallwatch_common::{names, sched::SchedStats, Counter};
 
-use super::process::{housekeeping, ProcessState, Source};
+use super::process::{housekeeping, ProcessState, Source, TgidMap};
 use super::{attach_tp_btf, KernelCounters, StartCtx};
 use crate::loader::KernelInfo;
 use crate::metrics;
@@ -77,76 +77,33 @@ pub fn attach(
 }
 
 /// `SW_PROC_SCHED`: one per-CPU entry per process.
-pub struct SchedSource {
-    procs: PerCpuHashMap<MapData, u32, SchedStats>,
-    entries: usize,
-}
+pub type SchedSource = TgidMap<SchedStats>;
 
-fn fold_cpus(values: &[SchedStats]) -> SchedStats {
-    let mut total = SchedStats::ZERO;
-    for v in values {
-        total.add(v);
-    }
-    total
-}
-
-impl Source for SchedSource {
-    type Value = SchedStats;
-
-    fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
-        let mut snapshot = Vec::new();
-        for item in self.procs.iter() {
-            match item {
-                Ok((tgid, values)) => snapshot.push((tgid, fold_cpus(&values))),
-                // An entry deleted between get_next_key and lookup: skip it.
-                Err(_) => *failed += 1,
-            }
+/// Creates zeroed entries for every process alive now, before the programs attach, so the
+/// first context switches after attach need no allocation in the scheduler path (the
+/// on-demand per-CPU allocator has little cached then). Returns how many.
+fn prepopulate(source: &mut SchedSource, max_processes: u32) -> anyhow::Result<usize> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting possible CPUs")?;
+    // BPF_NOEXIST: never overwrite an entry the programs already fill.
+    const BPF_NOEXIST: u64 = 1;
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Some(tgid) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let zero = aya::maps::PerCpuValues::try_from(vec![SchedStats::ZERO; cpus])?;
+        if source.procs.insert(tgid, zero, BPF_NOEXIST).is_ok() {
+            n += 1;
+        } else if n >= max_processes as usize {
+            break;
         }
-        self.entries = snapshot.len();
-        snapshot
     }
-
-    fn read_one(&mut self, tgid: u32) -> Option<SchedStats> {
-        self.procs.get(&tgid, 0).ok().map(|v| fold_cpus(&v))
-    }
-
-    fn remove(&mut self, tgid: u32) {
-        // ENOENT is fine: another path retired it first.
-        let _ = self.procs.remove(&tgid);
-    }
-
-    fn entries(&self) -> usize {
-        self.entries
-    }
-}
-
-impl SchedSource {
-    /// Creates zeroed entries for every process alive now, before the programs attach, so
-    /// the first context switches after attach need no allocation in the scheduler path
-    /// (the on-demand per-CPU allocator has little cached then). Returns how many.
-    fn prepopulate(&mut self, max_processes: u32) -> anyhow::Result<usize> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting possible CPUs")?;
-        // BPF_NOEXIST: never overwrite an entry the programs already fill.
-        const BPF_NOEXIST: u64 = 1;
-        let mut n = 0;
-        for entry in std::fs::read_dir("/proc").context("listing /proc")? {
-            let Some(tgid) = entry
-                .ok()
-                .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let zero = aya::maps::PerCpuValues::try_from(vec![SchedStats::ZERO; cpus])?;
-            if self.procs.insert(tgid, zero, BPF_NOEXIST).is_ok() {
-                n += 1;
-            } else if n >= max_processes as usize {
-                break;
-            }
-        }
-        Ok(n)
-    }
+    Ok(n)
 }
 
 type State = ProcessState<SchedSource>;
@@ -169,11 +126,8 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         .ebpf
         .take_map(names::MAP_PROC_SCHED)
         .with_context(|| format!("map {} missing from the eBPF object", names::MAP_PROC_SCHED))?;
-    let mut source = SchedSource {
-        procs: PerCpuHashMap::try_from(map)?,
-        entries: 0,
-    };
-    let existing = source.prepopulate(ctx.config.max_processes)?;
+    let mut source = SchedSource::new(PerCpuHashMap::try_from(map)?);
+    let existing = prepopulate(&mut source, ctx.config.max_processes)?;
     log::debug!("pre-created {existing} per-process entries");
     let state = Arc::new(Mutex::new(ProcessState::new(
         source,

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::PerCpuHashMap;
 use prometheus::proto::MetricFamily;
 use stallwatch_common::{names, tcp::TcpStats, Counter};
 
-use super::process::{housekeeping, ProcessState, Source};
+use super::process::{housekeeping, ProcessState, Source, TgidMap};
 use super::{attach_tp_btf, KernelCounters, StartCtx};
 use crate::metrics;
 
@@ -27,46 +27,7 @@ const PROGRAMS: &[(&str, &str)] = &[
 ];
 
 /// `SW_PROC_TCP`: one per-CPU entry per process.
-pub struct TcpSource {
-    procs: PerCpuHashMap<MapData, u32, TcpStats>,
-    entries: usize,
-}
-
-fn fold_cpus(values: &[TcpStats]) -> TcpStats {
-    let mut total = TcpStats::ZERO;
-    for v in values {
-        total.add(v);
-    }
-    total
-}
-
-impl Source for TcpSource {
-    type Value = TcpStats;
-
-    fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, TcpStats)> {
-        let mut snapshot = Vec::new();
-        for item in self.procs.iter() {
-            match item {
-                Ok((tgid, values)) => snapshot.push((tgid, fold_cpus(&values))),
-                Err(_) => *failed += 1,
-            }
-        }
-        self.entries = snapshot.len();
-        snapshot
-    }
-
-    fn read_one(&mut self, tgid: u32) -> Option<TcpStats> {
-        self.procs.get(&tgid, 0).ok().map(|v| fold_cpus(&v))
-    }
-
-    fn remove(&mut self, tgid: u32) {
-        let _ = self.procs.remove(&tgid);
-    }
-
-    fn entries(&self) -> usize {
-        self.entries
-    }
-}
+type TcpSource = TgidMap<TcpStats>;
 
 type State = ProcessState<TcpSource>;
 
@@ -81,10 +42,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         .ebpf
         .take_map(names::MAP_PROC_TCP)
         .with_context(|| format!("map {} missing from the eBPF object", names::MAP_PROC_TCP))?;
-    let source = TcpSource {
-        procs: PerCpuHashMap::try_from(map)?,
-        entries: 0,
-    };
+    let source = TcpSource::new(PerCpuHashMap::try_from(map)?);
     let state = Arc::new(Mutex::new(ProcessState::new(
         source,
         ctx.config.per_pid,
