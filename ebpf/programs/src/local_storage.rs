@@ -63,7 +63,12 @@ impl<T> LocalStorage<T, TASK, NO_PREALLOC> {
     #[inline(always)]
     fn task_get(&self, task: *const u8, flags: u64) -> Option<*mut T> {
         let p = unsafe {
-            bpf_task_storage_get(self.as_ptr(), task as *mut task_struct, ptr::null_mut(), flags)
+            bpf_task_storage_get(
+                self.as_ptr(),
+                task as *mut task_struct,
+                ptr::null_mut(),
+                flags,
+            )
         };
         (!p.is_null()).then_some(p.cast())
     }
@@ -91,7 +96,8 @@ impl<T> LocalStorage<T, TASK, NO_PREALLOC> {
 impl<T> LocalStorage<T, SK, NO_PREALLOC_CLONE> {
     #[inline(always)]
     fn sk_get(&self, sk: *const u8, flags: u64) -> Option<*mut T> {
-        let p = unsafe { bpf_sk_storage_get(self.as_ptr(), sk as *mut c_void, ptr::null_mut(), flags) };
+        let p =
+            unsafe { bpf_sk_storage_get(self.as_ptr(), sk as *mut c_void, ptr::null_mut(), flags) };
         (!p.is_null()).then_some(p.cast())
     }
 

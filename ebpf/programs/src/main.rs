@@ -6,11 +6,11 @@
 #![feature(core_intrinsics)]
 
 mod lifecycle;
+mod local_storage;
 mod sched;
 mod shared;
 mod syscall;
 mod tcp;
-mod local_storage;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,7 +5,6 @@
 //! sched_switch (IRQs off) writes them, so plain increments are race-free.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_map, btf_tracepoint, map},
     maps::PerCpuHashMap,
@@ -16,10 +15,8 @@ use stallwatch_common::{
     Counter,
 };
 
-use crate::shared::{count, task_pid, task_state, task_tgid};
 use crate::local_storage::TaskStorage;
-
-const E2BIG: i32 = 7;
+use crate::shared::{count, get_or_insert, task_pid, task_state, task_tgid};
 
 /// Per-thread state in task-local storage: found through the task, freed with it.
 #[btf_map]
@@ -35,25 +32,14 @@ static SW_PROC_SCHED: PerCpuHashMap<u32, SchedStats> =
 static ZERO_STATS: SchedStats = SchedStats::ZERO;
 
 #[inline(always)]
-// By reference on purpose: a by-value SchedStats would be copied onto the 512-byte stack.
-#[allow(clippy::needless_borrows_for_generic_args)]
 fn proc_stats(tgid: u32) -> Option<*mut SchedStats> {
-    if let Some(p) = SW_PROC_SCHED.get_ptr_mut(tgid) {
-        return Some(p);
-    }
-    if let Err(err) = SW_PROC_SCHED.insert(tgid, &ZERO_STATS, u64::from(BPF_NOEXIST)) {
-        // -EEXIST: another CPU inserted it first.
-        if let Some(p) = SW_PROC_SCHED.get_ptr_mut(tgid) {
-            return Some(p);
-        }
-        count(if err == -E2BIG {
-            Counter::ProcMapFull
-        } else {
-            Counter::ProcAllocFailed
-        });
-        return None;
-    }
-    SW_PROC_SCHED.get_ptr_mut(tgid)
+    get_or_insert(
+        &SW_PROC_SCHED,
+        &tgid,
+        &ZERO_STATS,
+        Counter::ProcMapFull,
+        Counter::ProcAllocFailed,
+    )
 }
 
 #[btf_tracepoint(function = "sched_switch")]

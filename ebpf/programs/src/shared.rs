@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use stallwatch_common::{Counter, ProcEvent, NUM_COUNTERS, TASK_COMM_LEN};
 
@@ -99,4 +99,42 @@ pub fn emit_current(kind: u32, tgid: u32) {
         comm,
     });
     entry.submit(0);
+}
+
+const E2BIG: i32 = 7;
+
+/// This CPU's value for `key`, inserted as a copy of `zero` if absent. A failed insert is
+/// counted: `full` when the map is at capacity, `alloc_failed` otherwise. `zero` is a
+/// static: per-process values are too large for the 512-byte BPF stack.
+#[inline(always)]
+pub fn get_or_insert<K, V>(
+    map: &PerCpuHashMap<K, V>,
+    key: &K,
+    zero: &V,
+    full: Counter,
+    alloc_failed: Counter,
+) -> Option<*mut V> {
+    if let Some(p) = map.get_ptr_mut(key) {
+        return Some(p);
+    }
+    if let Err(err) = map.insert(key, zero, u64::from(aya_ebpf::bindings::BPF_NOEXIST)) {
+        // -EEXIST: another CPU inserted it first.
+        if let Some(p) = map.get_ptr_mut(key) {
+            return Some(p);
+        }
+        count(if err == -E2BIG { full } else { alloc_failed });
+        return None;
+    }
+    map.get_ptr_mut(key)
+}
+
+/// Observes `ns` into a per-CPU histogram that preemptible or softirq-time programs also
+/// update.
+#[inline(always)]
+pub fn observe_atomic(h: &mut stallwatch_common::hist::Hist, ns: u64) {
+    let i = stallwatch_common::bucket_index(ns);
+    if let Some(b) = h.buckets.get_mut(i) {
+        atomic_add(b, 1);
+    }
+    atomic_add(&mut h.sum_ns, ns);
 }

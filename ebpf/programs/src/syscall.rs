@@ -7,7 +7,7 @@
 //! class, so increments are atomic (uncontended: the slot is this CPU's).
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_F_NO_PREALLOC,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
@@ -25,10 +25,8 @@ use stallwatch_common::{
     Counter, TASK_COMM_LEN,
 };
 
-use crate::shared::{atomic_add, count};
 use crate::local_storage::TaskStorage;
-
-const E2BIG: i32 = 7;
+use crate::shared::{atomic_add, count, get_or_insert, observe_atomic};
 
 #[no_mangle]
 static SC_FILTER: u32 = 0;
@@ -138,43 +136,28 @@ fn slot_of(nr: i32) -> u32 {
     }
 }
 
-fn map_failure(err: i32) {
-    count(if err == -E2BIG {
-        Counter::SyscallMapFull
-    } else {
-        Counter::SyscallAllocFailed
-    });
-}
-
 #[inline(always)]
-// By reference on purpose: a by-value Hist would be copied onto the 512-byte stack.
-#[allow(clippy::needless_borrows_for_generic_args)]
 fn hist_for(key: &SyscallKey) -> Option<*mut Hist> {
-    if let Some(p) = SW_SC_STATS.get_ptr_mut(key) {
-        return Some(p);
-    }
-    if let Err(err) = SW_SC_STATS.insert(key, &ZERO_HIST, u64::from(BPF_NOEXIST)) {
-        // -EEXIST: another CPU inserted it first.
-        if let Some(p) = SW_SC_STATS.get_ptr_mut(key) {
-            return Some(p);
-        }
-        map_failure(err);
-        return None;
-    }
-    SW_SC_STATS.get_ptr_mut(key)
+    get_or_insert(
+        &SW_SC_STATS,
+        key,
+        &ZERO_HIST,
+        Counter::SyscallMapFull,
+        Counter::SyscallAllocFailed,
+    )
 }
 
 #[inline(always)]
 fn count_error(key: &SyscallErrKey) {
-    if let Some(p) = SW_SC_ERRORS.get_ptr_mut(key) {
+    // Inserted as 0 and incremented like an existing entry, so no path is special.
+    if let Some(p) = get_or_insert(
+        &SW_SC_ERRORS,
+        key,
+        &0,
+        Counter::SyscallMapFull,
+        Counter::SyscallAllocFailed,
+    ) {
         atomic_add(p, 1);
-        return;
-    }
-    if let Err(err) = SW_SC_ERRORS.insert(key, &1, u64::from(BPF_NOEXIST)) {
-        match SW_SC_ERRORS.get_ptr_mut(key) {
-            Some(p) => atomic_add(p, 1),
-            None => map_failure(err),
-        }
     }
 }
 
@@ -196,12 +179,7 @@ pub fn sw_sys_exit(ctx: BtfTracePointContext) -> u32 {
     let ret: i64 = ctx.arg(1);
     let slot = slot_of(nr);
     if let Some(h) = hist_for(&SyscallKey { tgid, slot }) {
-        let h = unsafe { &mut *h };
-        let i = stallwatch_common::bucket_index(duration);
-        if let Some(b) = h.buckets.get_mut(i) {
-            atomic_add(b, 1);
-        }
-        atomic_add(&mut h.sum_ns, duration);
+        observe_atomic(unsafe { &mut *h }, duration);
     }
     if let Some(errno) = errno_of(ret) {
         count_error(&SyscallErrKey {

@@ -8,14 +8,13 @@
 //! softirq context alike, so every update is an atomic add.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_map, btf_tracepoint, map},
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
 };
 use stallwatch_common::{
-    hist::Hist,
     tcp::{
         Inbound, Outbound, SockState, TcpStats, SOCK_ACCEPTED, SOCK_GOT_RST, SOCK_INBOUND,
         SOCK_LISTENER, SOCK_OUTBOUND,
@@ -24,9 +23,8 @@ use stallwatch_common::{
 };
 
 use crate::local_storage::SkStorage;
-use crate::shared::{atomic_add, count, read_field};
+use crate::shared::{atomic_add, count, get_or_insert, observe_atomic, read_field};
 
-const E2BIG: i32 = 7;
 const IPPROTO_TCP: u16 = 6;
 
 // include/net/tcp_states.h
@@ -61,33 +59,14 @@ static SW_PROC_TCP: PerCpuHashMap<u32, TcpStats> =
 static ZERO_TCP: TcpStats = TcpStats::ZERO;
 
 #[inline(always)]
-// By reference on purpose: a by-value TcpStats would be copied onto the 512-byte stack.
-#[allow(clippy::needless_borrows_for_generic_args)]
 fn stats(tgid: u32) -> Option<*mut TcpStats> {
-    if let Some(p) = SW_PROC_TCP.get_ptr_mut(tgid) {
-        return Some(p);
-    }
-    if let Err(err) = SW_PROC_TCP.insert(tgid, &ZERO_TCP, u64::from(BPF_NOEXIST)) {
-        if let Some(p) = SW_PROC_TCP.get_ptr_mut(tgid) {
-            return Some(p);
-        }
-        count(if err == -E2BIG {
-            Counter::TcpProcMapFull
-        } else {
-            Counter::TcpProcAllocFailed
-        });
-        return None;
-    }
-    SW_PROC_TCP.get_ptr_mut(tgid)
-}
-
-#[inline(always)]
-fn observe(h: &mut Hist, ns: u64) {
-    let i = stallwatch_common::bucket_index(ns);
-    if let Some(b) = h.buckets.get_mut(i) {
-        atomic_add(b, 1);
-    }
-    atomic_add(&mut h.sum_ns, ns);
+    get_or_insert(
+        &SW_PROC_TCP,
+        &tgid,
+        &ZERO_TCP,
+        Counter::TcpProcMapFull,
+        Counter::TcpProcAllocFailed,
+    )
 }
 
 #[inline(always)]
@@ -118,7 +97,11 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
                 start_ns: bpf_ktime_get_ns(),
                 last_rtt_ns: 0,
                 tgid: current_tgid(),
-                kind: if new == TCP_LISTEN { SOCK_LISTENER } else { SOCK_OUTBOUND },
+                kind: if new == TCP_LISTEN {
+                    SOCK_LISTENER
+                } else {
+                    SOCK_OUTBOUND
+                },
                 flags: 0,
                 _pad: [0; 2],
             };
@@ -143,7 +126,7 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
         let now = unsafe { bpf_ktime_get_ns() };
         if let Some(st) = stats(s.tgid) {
             let st = unsafe { &mut *st };
-            observe(&mut st.connect, now.saturating_sub(s.start_ns));
+            observe_atomic(&mut st.connect, now.saturating_sub(s.start_ns));
             atomic_add(&mut st.outbound[Outbound::Established as usize], 1);
         }
         return 0;
@@ -204,7 +187,7 @@ fn first_use(s: &mut SockState) {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(st) = stats(s.tgid) {
         let st = unsafe { &mut *st };
-        observe(&mut st.accept_wait, now.saturating_sub(s.start_ns));
+        observe_atomic(&mut st.accept_wait, now.saturating_sub(s.start_ns));
         atomic_add(&mut st.inbound[Inbound::Accepted as usize], 1);
     }
 }
@@ -317,7 +300,7 @@ pub fn sw_tcp_probe(ctx: BtfTracePointContext) -> u32 {
     }
     s.last_rtt_ns = now;
     if let Some(st) = stats(s.tgid) {
-        observe(unsafe { &mut (*st).rtt }, u64::from(srtt >> 3) * 1000);
+        observe_atomic(unsafe { &mut (*st).rtt }, u64::from(srtt >> 3) * 1000);
     }
     0
 }
