@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 /// Probes this build knows. `syscalls` is opt-in: its hooks run on every syscall on the node.
-pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls", "tcp"];
+pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls", "tcp", "gc"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -48,7 +48,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9477".parse().expect("valid default"),
-            probes: vec!["sched".into(), "tcp".into()],
+            probes: vec!["sched".into(), "tcp".into(), "gc".into()],
             per_pid: false,
             exit_grace: Duration::from_secs(300),
             bpf_stats: false,
@@ -99,7 +99,7 @@ pub struct Flags {
     /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9477]; port 0 picks one.
     #[arg(long, env = "STALLWATCH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Comma list of probes to run [default: sched,tcp]. Known: sched, tcp, syscalls (opt-in:
+    /// Comma list of probes to run [default: sched,tcp,gc]. Known: sched, tcp, gc, syscalls (opt-in:
     /// it hooks every syscall on the node; see docs/probes.md for its cost).
     #[arg(long, env = "STALLWATCH_PROBES", value_delimiter = ',')]
     pub probes: Option<Vec<String>>,

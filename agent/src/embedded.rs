@@ -55,9 +55,26 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
-        for p in names::ALL_PROGRAMS {
+        // uretprobes: attached at a function's return (JVM, V8); every other runtime program
+        // is a plain uprobe, attached at an offset the agent computes.
+        let uretprobes = [
+            names::PROG_JVM_REACHED,
+            names::PROG_JVM_END,
+            names::PROG_RT_END_RET,
+        ];
+        for p in names::ALL_PROGRAMS.iter().chain(names::GC_PROGRAMS) {
             let sec = section_of(p);
-            assert!(sec.starts_with("tp_btf/"), "{p} in section {sec}");
+            let want = if uretprobes.contains(p) {
+                "uretprobe"
+            } else if names::GC_PROGRAMS.contains(p) {
+                "uprobe"
+            } else {
+                "tp_btf/"
+            };
+            assert!(
+                sec.starts_with(want),
+                "{p} in section {sec}, expected {want}"
+            );
         }
         for m in names::ALL_MAPS {
             // Legacy map definitions, or BTF ones (task storage needs BTF types).

@@ -112,6 +112,7 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
         .map_max_entries(names::MAP_EVENTS, config.event_buffer)
         .map_max_entries(names::MAP_PROC_TCP, config.max_processes)
+        .map_max_entries(names::MAP_PROC_GC, config.max_processes)
         .map_max_entries(names::MAP_SC_STATS, config.syscall_max_entries)
         .map_max_entries(names::MAP_SC_ERRORS, config.syscall_max_entries)
         .map_max_entries(names::MAP_SC_SLOW, config.event_buffer)

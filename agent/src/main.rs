@@ -10,6 +10,7 @@ mod loader;
 mod metrics;
 mod probes;
 mod procfs;
+mod runtime;
 mod server;
 
 use std::sync::Arc;

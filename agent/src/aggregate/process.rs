@@ -30,6 +30,18 @@ impl Counters for stallwatch_common::tcp::TcpStats {
     }
 }
 
+impl Counters for stallwatch_common::gc::GcStats {
+    fn zero() -> Self {
+        Self::ZERO
+    }
+    fn add(&mut self, other: &Self) {
+        Self::add(self, other)
+    }
+    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
+        Self::checked_sub(self, earlier)
+    }
+}
+
 impl Counters for SchedStats {
     fn zero() -> Self {
         SchedStats::ZERO

@@ -143,6 +143,42 @@ pub const TCP_RESETS: MetricDef = MetricDef {
     source: "tp_btf/tcp_send_reset, tcp_receive_reset",
 };
 
+pub const RUNTIME_PAUSE: MetricDef = MetricDef {
+    name: "stallwatch_runtime_pause_seconds",
+    kind: Kind::Histogram,
+    help: "Stop-the-world pauses of a language runtime, by cause: Go (from the runtime's own start-of-stop to restart, as debug.ReadGCStats counts them), JVM safepoints (begin to end), CPython and V8 collections. cause: gc, other (non-GC stops: Go ReadMemStats/GOMAXPROCS, JVM deoptimisation...), unknown (Go 1.19-1.20 give no reason).",
+    labels: &["runtime", "cause"],
+    per_process: true,
+    source: "uprobes: Go runtime.startTheWorldWithSema (entry and each RET) or stopTheWorldWithSema, JVM SafepointSynchronize::begin/end + USDT hotspot:gc__begin, USDT python:gc__start/gc__done, V8 Heap::CollectGarbage",
+};
+
+pub const RUNTIME_STOP_LATENCY: MetricDef = MetricDef {
+    name: "stallwatch_runtime_stop_latency_seconds",
+    kind: Kind::Histogram,
+    help: "Time a runtime took to stop the world (part of each pause): Go >=1.22's stopping phase, the JVM's time to reach a safepoint. Absent for runtimes that do not expose it.",
+    labels: &["runtime"],
+    per_process: true,
+    source: "uprobes: Go runtime.startTheWorldWithSema arguments, JVM SafepointSynchronize::begin return",
+};
+
+pub const RUNTIME_PROCESSES: MetricDef = MetricDef {
+    name: "stallwatch_runtime_processes",
+    kind: Kind::Gauge,
+    help: "Live processes whose runtime the gc probe is measuring.",
+    labels: &["runtime"],
+    per_process: false,
+    source: "agent (runtime discovery)",
+};
+
+pub const RUNTIME_ATTACH_FAILURES: MetricDef = MetricDef {
+    name: "stallwatch_runtime_attach_failures_total",
+    kind: Kind::Counter,
+    help: "Processes with a runtime the gc probe could not measure, by reason (unsupported_version, no_symbol, truncated, not_elf, attach_failed, process_map_full, ...); the agent log says which process and why.",
+    labels: &["runtime", "reason"],
+    per_process: false,
+    source: "agent (runtime discovery)",
+};
+
 pub const BUILD_INFO: MetricDef = MetricDef {
     name: "stallwatch_build_info",
     kind: Kind::Gauge,
@@ -228,6 +264,10 @@ pub const ALL: &[&MetricDef] = &[
     &TCP_RTT,
     &TCP_RETRANSMITS,
     &TCP_RESETS,
+    &RUNTIME_PAUSE,
+    &RUNTIME_STOP_LATENCY,
+    &RUNTIME_PROCESSES,
+    &RUNTIME_ATTACH_FAILURES,
     &BUILD_INFO,
     &PROBE_ATTACHED,
     &EVENTS_DROPPED,

@@ -232,6 +232,55 @@ pub fn tcp_families(series: &[(SeriesKey, stallwatch_common::tcp::TcpStats)]) ->
         .collect()
 }
 
+/// The gc probe's families: per-process pauses, and discovery's gauges and failures.
+pub fn gc_families(
+    series: &[(SeriesKey, stallwatch_common::gc::GcStats)],
+    processes: &[u64; stallwatch_common::gc::NUM_RUNTIMES],
+    failures: &[((Option<stallwatch_common::gc::Runtime>, &'static str), u64)],
+) -> Vec<MetricFamily> {
+    use stallwatch_common::gc::{Cause, Runtime};
+    let mut pause = Family::new(&catalogue::RUNTIME_PAUSE);
+    let mut stop = Family::new(&catalogue::RUNTIME_STOP_LATENCY);
+    let mut procs = Family::new(&catalogue::RUNTIME_PROCESSES);
+    let mut fails = Family::new(&catalogue::RUNTIME_ATTACH_FAILURES);
+    for (key, s) in series {
+        let Some(runtime) = Runtime::from_u32(s.runtime) else {
+            continue;
+        };
+        let pid = key.pid.map(|p| p.to_string());
+        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
+        if let Some(pid) = &pid {
+            labels.push(("pid", pid));
+        }
+        labels.push(("runtime", runtime.label()));
+        for c in Cause::ALL {
+            let h = &s.pause[c as usize];
+            // Causes a runtime never reports stay absent rather than exported as zeros.
+            if h.count() > 0 || c == Cause::Gc {
+                let mut l = labels.clone();
+                l.push(("cause", c.label()));
+                pause.histogram(&l, h);
+            }
+        }
+        if s.stop.count() > 0 {
+            stop.histogram(&labels, &s.stop);
+        }
+    }
+    for r in Runtime::ALL {
+        procs.value(&[("runtime", r.label())], processes[r as usize - 1] as f64);
+    }
+    let mut failures = failures.to_vec();
+    failures.sort();
+    for ((r, reason), n) in failures {
+        let runtime = r.map_or("unknown", |r| r.label());
+        fails.value(&[("runtime", runtime), ("reason", reason)], n as f64);
+    }
+    [pause, stop, procs, fails]
+        .into_iter()
+        .filter_map(Family::finish)
+        .collect()
+}
+
 /// Prometheus text exposition of `families`.
 pub fn encode(families: &[MetricFamily]) -> String {
     use prometheus::Encoder;

@@ -2,6 +2,7 @@
 //! snapshots. The registry below starts the probes a config asks for; `process` and
 //! `lifecycle` hold what every per-process probe shares.
 
+pub mod gc;
 pub mod lifecycle;
 pub mod process;
 pub mod sched;
@@ -105,6 +106,7 @@ pub fn start(name: &str, ctx: StartCtx<'_>) -> anyhow::Result<Started> {
         sched::NAME => sched::start(ctx),
         syscalls::NAME => syscalls::start(ctx),
         tcp::NAME => tcp::start(ctx),
+        gc::NAME => gc::start(ctx),
         other => anyhow::bail!("no probe named {other:?}"),
     }
 }

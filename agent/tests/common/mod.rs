@@ -189,6 +189,16 @@ impl Metrics {
     pub fn has(&self, name: &str) -> bool {
         self.0.keys().any(|(n, _)| n == name)
     }
+
+    /// Whether some series of `name` has every `want` label.
+    pub fn has_labels(&self, name: &str, want: &[(&str, &str)]) -> bool {
+        self.0.keys().any(|(n, labels)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+    }
 }
 
 fn parse_labels(s: &str) -> Vec<(String, String)> {

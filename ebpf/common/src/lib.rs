@@ -6,6 +6,7 @@
 //! root-free test checks the embedded object against them.
 #![no_std]
 
+pub mod gc;
 pub mod hist;
 pub mod names;
 pub mod sched;
@@ -53,9 +54,14 @@ pub enum Counter {
     /// Socket states created / deleted; the difference is the socket map's size.
     SockInserted = 15,
     SockDeleted = 16,
+    /// A runtime pause's begin could not be stored (its in-flight map was full).
+    GcInflightFailed = 17,
+    /// A pause in a process the agent has not registered (discovery still running, or its
+    /// entry could not be added): not attributed.
+    GcUntracked = 18,
 }
 
-pub const NUM_COUNTERS: u32 = 17;
+pub const NUM_COUNTERS: u32 = 19;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
@@ -76,6 +82,8 @@ impl Counter {
         Counter::TcpUntracked,
         Counter::SockInserted,
         Counter::SockDeleted,
+        Counter::GcInflightFailed,
+        Counter::GcUntracked,
     ];
 }
 
@@ -105,6 +113,8 @@ const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 mod user {
     // SAFETY: plain-old-data, repr(C), no implicit padding (checked by the size asserts).
     unsafe impl aya::Pod for super::ProcEvent {}
+    unsafe impl aya::Pod for super::gc::GcStats {}
+    unsafe impl aya::Pod for super::gc::Inflight {}
     unsafe impl aya::Pod for super::sched::SchedStats {}
     unsafe impl aya::Pod for super::sched::ThreadState {}
     unsafe impl aya::Pod for super::syscall::SyscallKey {}

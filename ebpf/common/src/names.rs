@@ -31,6 +31,13 @@ pub const MAP_SOCKS: &str = "SW_SOCKS";
 /// Per-process TCP aggregates (`PerCpuHashMap<u32, TcpStats>`).
 pub const MAP_PROC_TCP: &str = "SW_PROC_TCP";
 
+/// Pauses in flight (`LruHashMap<u64, gc::Inflight>`).
+pub const MAP_GC_INFLIGHT: &str = "SW_GC_INFLIGHT";
+/// Per-process pause histograms (`HashMap<u32, gc::GcStats>`). The agent creates a process's
+/// entry when it finds a runtime in it; programs only update entries, so this map is also the
+/// in-kernel process filter.
+pub const MAP_PROC_GC: &str = "SW_PROC_GC";
+
 /// Globals set by the agent from kernel BTF: byte offsets in `struct sock` / `tcp_sock`.
 pub const GLOBAL_SK_PROTOCOL_OFF: &str = "SK_PROTOCOL_OFF";
 pub const GLOBAL_SK_ERR_OFF: &str = "SK_ERR_OFF";
@@ -85,6 +92,30 @@ pub const PROG_TCP_RECV_RST: &str = "sw_tcp_recv_rst";
 pub const PROG_TCP_PROBE: &str = "sw_tcp_probe";
 pub const PROG_TCP_RECV: &str = "sw_tcp_recv";
 pub const PROG_TCP_SEND: &str = "sw_tcp_send";
+/// Go ≥1.22: uprobe at `runtime.startTheWorldWithSema` entry (pause start and reason in registers).
+pub const PROG_GO_START: &str = "sw_go_start";
+/// Go 1.21: uprobe at `runtime.stopTheWorldWithSema` entry, reason in the first register.
+pub const PROG_GO_STOP: &str = "sw_go_stop";
+/// Go 1.19-1.20: uprobe at `runtime.stopTheWorldWithSema` entry (no reason).
+pub const PROG_GO_STOP_NOREASON: &str = "sw_go_stop0";
+/// Go ≤1.21: uprobes at `runtime.(*gcCPULimiterState).startGCTransition` and
+/// `finishGCTransition` entry, which receive the runtime's own pause start and (mark
+/// termination) pause end.
+pub const PROG_GO_GC_START: &str = "sw_go_gcstart";
+pub const PROG_GO_GC_END: &str = "sw_go_gcend";
+/// Go: uprobe at each RET of `runtime.startTheWorldWithSema` (pause end in the return register).
+pub const PROG_GO_RET: &str = "sw_go_ret";
+/// JVM: uprobe at `SafepointSynchronize::begin`, uretprobe there (safepoint reached), USDT
+/// hotspot:gc__begin (a GC runs in this safepoint), uretprobe at `SafepointSynchronize::end`.
+pub const PROG_JVM_BEGIN: &str = "sw_jvm_begin";
+pub const PROG_JVM_REACHED: &str = "sw_jvm_reached";
+pub const PROG_JVM_GC: &str = "sw_jvm_gc";
+pub const PROG_JVM_END: &str = "sw_jvm_end";
+/// Per-thread collections (CPython USDT gc__start/gc__done, V8 `Heap::CollectGarbage` entry
+/// and return): begin, end at a uprobe, end at a uretprobe.
+pub const PROG_RT_BEGIN: &str = "sw_rt_begin";
+pub const PROG_RT_END: &str = "sw_rt_end";
+pub const PROG_RT_END_RET: &str = "sw_rt_end_ret";
 /// tp_btf/sched_process_fork: allocates a new process's entry outside the scheduler hot path.
 pub const PROG_FORK: &str = "sw_fork";
 
@@ -102,6 +133,24 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_SC_CGROUPS,
     MAP_SOCKS,
     MAP_PROC_TCP,
+    MAP_GC_INFLIGHT,
+    MAP_PROC_GC,
+];
+/// The runtime-pause (`gc`) probe's uprobe programs.
+pub const GC_PROGRAMS: &[&str] = &[
+    PROG_GO_START,
+    PROG_GO_STOP,
+    PROG_GO_STOP_NOREASON,
+    PROG_GO_RET,
+    PROG_GO_GC_START,
+    PROG_GO_GC_END,
+    PROG_JVM_BEGIN,
+    PROG_JVM_REACHED,
+    PROG_JVM_GC,
+    PROG_JVM_END,
+    PROG_RT_BEGIN,
+    PROG_RT_END,
+    PROG_RT_END_RET,
 ];
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SWITCH,
@@ -129,7 +178,11 @@ pub const ALL_PROGRAMS: &[&str] = &[
 mod tests {
     #[test]
     fn names_fit_the_kernels_object_name_length() {
-        for name in super::ALL_MAPS.iter().chain(super::ALL_PROGRAMS) {
+        for name in super::ALL_MAPS
+            .iter()
+            .chain(super::ALL_PROGRAMS)
+            .chain(super::GC_PROGRAMS)
+        {
             assert!(
                 name.len() <= 15,
                 "{name} is longer than BPF_OBJ_NAME_LEN - 1"

@@ -5,6 +5,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod gc;
 mod lifecycle;
 mod local_storage;
 mod sched;

@@ -1,0 +1,518 @@
+//! The `gc` probe: stop-the-world pauses of Go and the JVM, CPython and V8 collections, per
+//! process, with no change to the application.
+//!
+//! Discovery runs on its own thread: it scans /proc at start, then inspects every process
+//! that execs (the lifecycle's exec events). A binary holding a runtime gets its uprobes
+//! once, for every process that maps it; each recognised process gets an `SW_PROC_GC` entry,
+//! which is also the kernel's process filter. When the last process using a binary exits,
+//! its uprobes are detached.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::{ProgramFd, UProbe};
+use prometheus::proto::MetricFamily;
+use stallwatch_common::gc::{GcStats, Runtime, NUM_RUNTIMES};
+use stallwatch_common::{names, Counter, ProcEvent};
+
+use super::lifecycle::ProcessEvents;
+use super::process::{ProcessState, Source};
+use super::{KernelCounters, StartCtx};
+use crate::metrics;
+use crate::runtime::{self, uprobe::Pmu, ExeClass, Failure, FileKey, Target};
+
+pub const NAME: &str = "gc";
+
+const PROGRAMS: &[&str] = names::GC_PROGRAMS;
+
+/// A process linking a runtime library is looked at again after these delays (from its
+/// exec), until the library shows up in its maps: the dynamic loader, or the JVM launcher's
+/// dlopen, maps it after the exec event.
+const RECHECK_AFTER: &[Duration] = &[
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(10),
+];
+
+/// Executables analysed and found to hold no runtime; cleared when it reaches this size.
+const NEGATIVE_CACHE: usize = 8192;
+
+/// Exec events waiting for discovery; beyond this they are dropped and counted.
+const QUEUE: usize = 4096;
+
+/// `SW_PROC_GC`: one shared (not per-CPU) entry per process.
+pub struct GcSource {
+    procs: BpfHashMap<MapData, u32, GcStats>,
+    entries: usize,
+}
+
+impl Source for GcSource {
+    type Value = GcStats;
+
+    fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, GcStats)> {
+        let mut out = Vec::new();
+        for item in self.procs.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(_) => *failed += 1,
+            }
+        }
+        self.entries = out.len();
+        out
+    }
+
+    fn read_one(&mut self, tgid: u32) -> Option<GcStats> {
+        self.procs.get(&tgid, 0).ok()
+    }
+
+    fn remove(&mut self, tgid: u32) {
+        let _ = self.procs.remove(&tgid);
+    }
+
+    fn entries(&self) -> usize {
+        self.entries
+    }
+}
+
+/// A binary's uprobes and the processes using it.
+struct Attached {
+    target: Arc<Target>,
+    _links: Vec<OwnedFd>,
+    users: HashSet<u32>,
+}
+
+#[derive(Default)]
+struct Discovery {
+    by_file: HashMap<FileKey, Attached>,
+    /// tgid -> the binary its runtime lives in.
+    procs: HashMap<u32, FileKey>,
+    /// Attach failures by (runtime, reason); `None`: an executable too damaged to tell.
+    failures: HashMap<(Option<Runtime>, &'static str), u64>,
+    queue_full: u64,
+}
+
+struct State {
+    ps: ProcessState<GcSource>,
+    disc: Discovery,
+    queue: SyncSender<u32>,
+}
+
+impl State {
+    /// Forgets `tgid` as a user of its binary; detaches the binary's probes if it was the last.
+    fn unregister(&mut self, tgid: u32) {
+        let Some(key) = self.disc.procs.remove(&tgid) else {
+            return;
+        };
+        if let Some(a) = self.disc.by_file.get_mut(&key) {
+            a.users.remove(&tgid);
+            if a.users.is_empty() {
+                let a = self.disc.by_file.remove(&key).expect("present");
+                log::info!(
+                    "gc: detaching {} probes from {} (no process uses it any more)",
+                    a.target.runtime.label(),
+                    a.target.detail
+                );
+            }
+        }
+    }
+}
+
+impl ProcessEvents for State {
+    fn on_exit(&mut self, ev: &ProcEvent, now: Instant) {
+        self.ps.on_exit(ev, now);
+        self.unregister(ev.tgid);
+    }
+
+    fn on_exec(&mut self, ev: &ProcEvent, now: Instant) {
+        if self.disc.procs.contains_key(&ev.tgid) {
+            // The old image's pauses end here; the new image is inspected afresh.
+            self.ps.on_exit(ev, now);
+            self.unregister(ev.tgid);
+        }
+        if let Err(TrySendError::Full(_)) = self.queue.try_send(ev.tgid) {
+            self.disc.queue_full += 1;
+        }
+    }
+}
+
+pub struct GcProbe {
+    state: Arc<Mutex<State>>,
+    counters: Arc<KernelCounters>,
+    max_processes: u32,
+}
+
+pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
+    let pmu = Pmu::from_sysfs()?;
+    let mut fds = HashMap::new();
+    for prog in PROGRAMS {
+        let p: &mut UProbe = ctx
+            .ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {prog} is not a uprobe program"))?;
+        p.load()
+            .with_context(|| format!("loading {prog} (verifier)"))?;
+        let fd: ProgramFd = p.fd()?.try_clone()?;
+        fds.insert(*prog, fd);
+    }
+    let map = ctx
+        .ebpf
+        .take_map(names::MAP_PROC_GC)
+        .with_context(|| format!("map {} missing from the eBPF object", names::MAP_PROC_GC))?;
+    let source = GcSource {
+        procs: BpfHashMap::try_from(map)?,
+        entries: 0,
+    };
+    let (tx, rx) = sync_channel(QUEUE);
+    let state = Arc::new(Mutex::new(State {
+        ps: ProcessState::new(source, ctx.config.per_pid, ctx.config.exit_grace),
+        disc: Discovery::default(),
+        queue: tx,
+    }));
+    ctx.lifecycle
+        .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
+    let worker = Worker {
+        state: state.clone(),
+        pmu,
+        fds,
+        proc_root: PathBuf::from("/proc"),
+        exe_cache: HashMap::new(),
+        targets: HashMap::new(),
+        pending: Vec::new(),
+    };
+    // The initial scan runs before start returns, so processes alive now are probed by the
+    // time the agent reports ready.
+    let mut worker = worker;
+    worker.scan();
+    std::thread::Builder::new()
+        .name("sw-gc-discovery".into())
+        .spawn(move || worker.run(rx))
+        .context("starting the gc discovery thread")?;
+    let mut programs: Vec<&'static str> = PROGRAMS.to_vec();
+    programs.extend(ctx.lifecycle.programs.iter().copied());
+    Ok(super::Started {
+        probe: Box::new(GcProbe {
+            state: state.clone(),
+            counters: ctx.counters,
+            max_processes: ctx.config.max_processes,
+        }),
+        tasks: vec![Box::pin(housekeeping_gc(state))],
+        programs,
+    })
+}
+
+/// The shared housekeeping, on the inner process state.
+async fn housekeeping_gc(state: Arc<Mutex<State>>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(super::process::SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = state.lock().expect("gc state lock poisoned");
+            s.ps.refresh(Instant::now());
+            // Processes retired by the sweep (exit events lost) release their binaries.
+            let gone: Vec<u32> = s
+                .disc
+                .procs
+                .keys()
+                .copied()
+                .filter(|t| !crate::procfs::exists(std::path::Path::new("/proc"), *t))
+                .collect();
+            for t in gone {
+                s.unregister(t);
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("gc housekeeping: {e}"))?;
+    }
+}
+
+/// Inspects processes and attaches probes; owns the program fds.
+struct Worker {
+    state: Arc<Mutex<State>>,
+    pmu: Pmu,
+    fds: HashMap<&'static str, ProgramFd>,
+    proc_root: PathBuf,
+    /// Executable -> class (negative results bounded by `NEGATIVE_CACHE`).
+    exe_cache: HashMap<FileKey, ExeClass>,
+    /// Binaries analysed, whether or not attached now (a failed analysis is not retried).
+    targets: HashMap<FileKey, Result<Arc<Target>, Failure>>,
+    /// (when, tgid, attempt) for processes whose runtime library is not mapped yet.
+    pending: Vec<(Instant, u32, usize)>,
+}
+
+impl Worker {
+    fn scan(&mut self) {
+        let Ok(dir) = std::fs::read_dir(&self.proc_root) else {
+            log::warn!("gc: cannot read {}", self.proc_root.display());
+            return;
+        };
+        let me = std::process::id();
+        let pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|p| *p != me)
+            .collect();
+        for pid in pids {
+            // Long-running processes have their libraries mapped: no rechecks needed.
+            self.inspect(pid, None);
+        }
+    }
+
+    fn run(mut self, rx: Receiver<u32>) {
+        loop {
+            let timeout = self
+                .pending
+                .iter()
+                .map(|(t, _, _)| t.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
+            match rx.recv_timeout(timeout) {
+                Ok(tgid) => self.inspect(tgid, Some(0)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            let due: Vec<(Instant, u32, usize)> = self
+                .pending
+                .iter()
+                .copied()
+                .filter(|(t, _, _)| *t <= now)
+                .collect();
+            self.pending.retain(|(t, _, _)| *t > now);
+            for (_, tgid, attempt) in due {
+                self.inspect(tgid, Some(attempt + 1));
+            }
+        }
+    }
+
+    fn fail(&self, runtime: Option<Runtime>, pid: u32, what: &str, f: &Failure) {
+        if *f == Failure::Gone {
+            log::debug!("gc: pid {pid} exited before it could be inspected");
+        } else {
+            log::warn!(
+                "gc: cannot probe {} in pid {pid} ({what}): {f}",
+                runtime.map_or("a runtime", |r| r.label())
+            );
+        }
+        let mut s = self.state.lock().expect("gc state lock poisoned");
+        *s.disc.failures.entry((runtime, f.reason())).or_default() += 1;
+    }
+
+    /// Looks at `pid`; `recheck` is the attempt number for processes that just exec'd
+    /// (`None` at the start-up scan).
+    fn inspect(&mut self, pid: u32, recheck: Option<usize>) {
+        let exe = self.proc_root.join(pid.to_string()).join("exe");
+        // Kernel threads have no exe; a vanished process is nothing to report.
+        let Ok(key) = runtime::file_key(&exe) else {
+            return;
+        };
+        let class = match self.exe_cache.get(&key) {
+            Some(c) => *c,
+            None => {
+                let c = match runtime::classify_exe(&exe) {
+                    Ok(c) => c,
+                    Err(Failure::Gone) => return,
+                    Err(e) => {
+                        // Reported once per file, then treated as no runtime.
+                        let target = std::fs::read_link(&exe).unwrap_or_default();
+                        self.fail(None, pid, &target.display().to_string(), &e);
+                        ExeClass::NotRuntime
+                    }
+                };
+                if self.exe_cache.len() >= NEGATIVE_CACHE {
+                    self.exe_cache.clear();
+                }
+                self.exe_cache.insert(key, c);
+                c
+            }
+        };
+        let (runtime, path, file) = match class {
+            ExeClass::NotRuntime => return,
+            ExeClass::Runtime(r) => (r, exe, key),
+            ExeClass::Linked(r) => match runtime::find_library(&self.proc_root, pid, r) {
+                Ok(Some((path, file))) => (r, path, file),
+                Ok(None) => {
+                    if let Some(attempt) = recheck {
+                        if let Some(delay) = RECHECK_AFTER.get(attempt) {
+                            self.pending.push((Instant::now() + *delay, pid, attempt));
+                        }
+                    }
+                    return;
+                }
+                Err(Failure::Gone) => return,
+                Err(e) => return self.fail(Some(r), pid, "reading its maps", &e),
+            },
+        };
+        let target = match self.targets.get(&file) {
+            Some(t) => t.clone(),
+            None => {
+                let t = runtime::analyse(&path, file, runtime).map(Arc::new);
+                match &t {
+                    Ok(t) => log::info!(
+                        "gc: {} runtime in {} ({}): {} probes",
+                        runtime.label(),
+                        describe(&path),
+                        t.detail,
+                        t.probes.len()
+                    ),
+                    Err(e) => self.fail(Some(runtime), pid, &describe(&path), e),
+                }
+                self.targets.insert(file, t.clone());
+                if t.is_err() {
+                    return;
+                }
+                t
+            }
+        };
+        let Ok(target) = target else {
+            // Analysed before and failed: counted then; count this process too.
+            let e = target.unwrap_err();
+            let mut s = self.state.lock().expect("gc state lock poisoned");
+            *s.disc
+                .failures
+                .entry((Some(runtime), e.reason()))
+                .or_default() += 1;
+            return;
+        };
+        if let Err(e) = self.register(pid, &path, target) {
+            self.fail(Some(runtime), pid, &describe(&path), &e);
+        }
+    }
+
+    /// Creates the process's entry, then attaches its binary's probes if they are not yet.
+    fn register(
+        &mut self,
+        pid: u32,
+        path: &std::path::Path,
+        target: Arc<Target>,
+    ) -> Result<(), Failure> {
+        let mut s = self.state.lock().expect("gc state lock poisoned");
+        if s.disc.procs.get(&pid) == Some(&target.key) {
+            return Ok(());
+        }
+        let entry = GcStats {
+            runtime: target.runtime as u32,
+            ..GcStats::ZERO
+        };
+        s.ps.source
+            .procs
+            .insert(pid, entry, 0)
+            .map_err(|e| match e {
+                aya::maps::MapError::SyscallError(ref se)
+                    if se.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    Failure::MapFull
+                }
+                other => Failure::Attach(format!("creating the process entry: {other}")),
+            })?;
+        if !s.disc.by_file.contains_key(&target.key) {
+            let mut links = Vec::with_capacity(target.probes.len());
+            for p in &target.probes {
+                let fd = self.fds.get(p.prog).expect("every program is loaded");
+                match self
+                    .pmu
+                    .attach(fd.as_fd(), path, p.offset, p.retprobe, p.ref_ctr)
+                {
+                    Ok(l) => links.push(l),
+                    Err(e) => {
+                        s.ps.source.remove(pid);
+                        return Err(Failure::Attach(format!(
+                            "{} at {:#x}: {e}",
+                            p.prog, p.offset
+                        )));
+                    }
+                }
+            }
+            s.disc.by_file.insert(
+                target.key,
+                Attached {
+                    target: target.clone(),
+                    _links: links,
+                    users: HashSet::new(),
+                },
+            );
+        }
+        s.disc
+            .by_file
+            .get_mut(&target.key)
+            .expect("inserted above")
+            .users
+            .insert(pid);
+        s.disc.procs.insert(pid, target.key);
+        // Name the process now, from /proc: an exit event carries only its last thread's name.
+        s.ps.refresh(Instant::now());
+        Ok(())
+    }
+}
+
+/// A /proc path and what it points at, e.g. "/proc/42/exe -> /usr/bin/app (deleted)".
+fn describe(path: &std::path::Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(target) => format!("{} -> {}", path.display(), target.display()),
+        Err(_) => path.display().to_string(),
+    }
+}
+
+impl GcProbe {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("gc state lock poisoned")
+    }
+}
+
+impl super::Probe for GcProbe {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn families(&self, arrived: Instant) -> Vec<MetricFamily> {
+        let mut s = self.lock();
+        s.ps.refresh(arrived);
+        let mut processes = [0u64; NUM_RUNTIMES];
+        for key in s.disc.procs.values() {
+            if let Some(a) = s.disc.by_file.get(key) {
+                processes[a.target.runtime as usize - 1] += 1;
+            }
+        }
+        let failures: Vec<((Option<Runtime>, &'static str), u64)> =
+            s.disc.failures.iter().map(|(k, v)| (*k, *v)).collect();
+        metrics::gc_families(&s.ps.series(), &processes, &failures)
+    }
+
+    fn drops(&self) -> Vec<(&'static str, u64)> {
+        let s = self.lock();
+        let k = |c| self.counters.get(c);
+        let mut v = vec![
+            ("inflight_map_full", k(Counter::GcInflightFailed)),
+            ("untracked_process", k(Counter::GcUntracked)),
+            ("discovery_queue_full", s.disc.queue_full),
+            (
+                "unmatched_pause_end",
+                s.ps.series().iter().map(|(_, v)| v.unmatched).sum(),
+            ),
+        ];
+        v.extend(s.ps.drops.list());
+        v
+    }
+
+    fn maps(&self) -> Vec<super::MapFill> {
+        let s = self.lock();
+        vec![super::MapFill {
+            map: names::MAP_PROC_GC,
+            entries: s.ps.source.entries() as u64,
+            capacity: Some(u64::from(self.max_processes)),
+        }]
+    }
+
+    fn tracked_processes(&self) -> usize {
+        self.lock().disc.procs.len()
+    }
+}

@@ -1,0 +1,442 @@
+//! Finding language runtimes in processes, and where to probe them.
+//!
+//! A process is classified from its executable (section names, exported symbols, the
+//! libraries it links); runtimes that live in a shared library (the JVM's libjvm.so, a shared
+//! libpython or libnode) are then found in /proc/<pid>/maps once the dynamic loader has
+//! mapped them. Files are opened through /proc/<pid>/exe and /proc/<pid>/root, so binaries in
+//! other mount namespaces, and binaries deleted since the process started, are still read and
+//! probed. Results are cached per file (device, inode), so a binary is analysed once.
+
+pub mod elf;
+pub mod go;
+pub mod gopclntab;
+pub mod uprobe;
+pub mod usdt;
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use object::read::elf::ElfFile64;
+use object::{Object, ObjectSection, ReadCache};
+use stallwatch_common::gc::Runtime;
+use stallwatch_common::names;
+
+/// Files larger than this are not read (a corrupt or hostile "binary" must not exhaust memory).
+const MAX_BINARY_BYTES: u64 = 1 << 30;
+
+/// Why a runtime could not be probed; `reason()` is the metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("the process exited before it could be read")]
+    Gone,
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("not an ELF64 file this agent can parse: {0}")]
+    NotElf(String),
+    #[error("the file is truncated: a section or segment points past its end")]
+    Truncated,
+    #[error("larger than {} MiB", MAX_BINARY_BYTES >> 20)]
+    TooLarge,
+    #[error("no .go.buildinfo section holding the Go version")]
+    NoBuildInfo,
+    #[error("unsupported version {0} (Go 1.19 or newer is needed)")]
+    UnsupportedVersion(String),
+    #[error("symbol {0} not found")]
+    NoSymbol(String),
+    #[error("the Go function table (pclntab) is unreadable: {0}")]
+    Pclntab(String),
+    #[error("no return instruction found in {0}")]
+    NoReturn(&'static str),
+    #[error("undecodable instruction at {0:#x}")]
+    Disassembly(u64),
+    #[error("unsupported architecture {0}")]
+    Architecture(String),
+    #[error("USDT notes: {0}")]
+    Usdt(String),
+    #[error("USDT probe {0} not found (an interpreter built without --with-dtrace/USDT support)")]
+    NoUsdt(&'static str),
+    #[error("attaching a uprobe failed: {0}")]
+    Attach(String),
+    #[error("the per-process map is full (--max-processes)")]
+    MapFull,
+}
+
+impl Failure {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Gone => "process_gone",
+            Failure::Io(_) => "io_error",
+            Failure::NotElf(_) => "not_elf",
+            Failure::Truncated => "truncated",
+            Failure::TooLarge => "too_large",
+            Failure::NoBuildInfo | Failure::UnsupportedVersion(_) => "unsupported_version",
+            Failure::NoSymbol(_) | Failure::Pclntab(_) | Failure::NoUsdt(_) => "no_symbol",
+            Failure::NoReturn(_) | Failure::Disassembly(_) => "disassembly",
+            Failure::Architecture(_) => "architecture",
+            Failure::Usdt(_) => "bad_usdt_notes",
+            Failure::Attach(_) => "attach_failed",
+            Failure::MapFull => "process_map_full",
+        }
+    }
+}
+
+/// One uprobe: which program, at which file offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub prog: &'static str,
+    pub offset: u64,
+    pub retprobe: bool,
+    /// File offset of a USDT semaphore (0: none).
+    pub ref_ctr: u64,
+}
+
+impl ProbeSpec {
+    pub fn entry(prog: &'static str, offset: u64) -> Self {
+        ProbeSpec {
+            prog,
+            offset,
+            retprobe: false,
+            ref_ctr: 0,
+        }
+    }
+    fn ret(prog: &'static str, offset: u64) -> Self {
+        ProbeSpec {
+            retprobe: true,
+            ..ProbeSpec::entry(prog, offset)
+        }
+    }
+}
+
+/// A file, as the kernel's uprobes see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A binary with a runtime in it, and the probes that measure it.
+#[derive(Debug)]
+pub struct Target {
+    pub runtime: Runtime,
+    pub key: FileKey,
+    /// "go1.22.5", "libjvm.so", ...
+    pub detail: String,
+    pub probes: Vec<ProbeSpec>,
+}
+
+/// What the executable alone says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExeClass {
+    NotRuntime,
+    /// The runtime is in the executable itself.
+    Runtime(Runtime),
+    /// Links a runtime library (libjvm via libjli, libpython, libnode): look in the maps.
+    Linked(Runtime),
+}
+
+/// The file's key, via stat (which follows /proc magic links).
+pub fn file_key(path: &Path) -> Result<FileKey, Failure> {
+    let m = std::fs::metadata(path).map_err(io_failure)?;
+    Ok(FileKey {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+pub fn io_failure(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        Failure::Gone
+    } else {
+        Failure::Io(e.to_string())
+    }
+}
+
+const JVM_LIBS: &[&str] = &["libjli.so", "libjvm.so"];
+const PYTHON_LIB: &str = "libpython3";
+const NODE_LIB: &str = "libnode.so";
+const V8_COLLECT_GARBAGE: &str = "_ZN2v88internal4Heap14CollectGarbageE";
+
+/// Classifies an executable from its headers, reading only the parts it needs.
+pub fn classify_exe(path: &Path) -> Result<ExeClass, Failure> {
+    let file = File::open(path).map_err(io_failure)?;
+    let cache = ReadCache::new(file);
+    let elf = match ElfFile64::<object::Endianness, _>::parse(&cache) {
+        Ok(e) => e,
+        Err(e) => {
+            let mut head = [0u8; 5];
+            let mut f = File::open(path).map_err(io_failure)?;
+            let n = std::io::Read::read(&mut f, &mut head).map_err(io_failure)?;
+            // Scripts and 32-bit binaries are not runtimes we probe; a damaged ELF64 is
+            // worth a report.
+            if n < 5 || &head[..4] != b"\x7fELF" || head[4] != 2 {
+                return Ok(ExeClass::NotRuntime);
+            }
+            // Only damaged executables get here: reading their headers whole is fine.
+            let data = read_binary(path)?;
+            return Err(broken_elf(&data, data.len() as u64, &e.to_string()));
+        }
+    };
+    let has = |name: &str| elf.section_by_name(name).is_some();
+    if has(".go.buildinfo") || has(".gopclntab") || has(".data.rel.ro.gopclntab") {
+        return Ok(ExeClass::Runtime(Runtime::Go));
+    }
+    let file_name = path_name(path);
+    if has(".note.stapsdt") && file_name.starts_with("python") {
+        return Ok(ExeClass::Runtime(Runtime::Python));
+    }
+    let dynstr = elf
+        .section_by_name(".dynstr")
+        .and_then(|s| s.data().ok())
+        .unwrap_or_default();
+    let links = |lib: &str| memfind(dynstr, lib.as_bytes());
+    if JVM_LIBS.iter().any(|l| links(l)) {
+        return Ok(ExeClass::Linked(Runtime::Jvm));
+    }
+    if links(PYTHON_LIB) {
+        return Ok(ExeClass::Linked(Runtime::Python));
+    }
+    if links(NODE_LIB) {
+        return Ok(ExeClass::Linked(Runtime::Node));
+    }
+    if memfind(dynstr, V8_COLLECT_GARBAGE.as_bytes()) {
+        return Ok(ExeClass::Runtime(Runtime::Node));
+    }
+    Ok(ExeClass::NotRuntime)
+}
+
+/// The name the process was started as (for /proc/<pid>/exe, the link's target).
+fn path_name(path: &Path) -> String {
+    let target = std::fs::read_link(path).unwrap_or_else(|_| path.to_path_buf());
+    target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The runtime library `runtime` needs, as mapped in /proc/<pid>/maps: the path to open it
+/// through (inside the process's mount namespace) and its key.
+pub fn find_library(
+    proc_root: &Path,
+    pid: u32,
+    runtime: Runtime,
+) -> Result<Option<(PathBuf, FileKey)>, Failure> {
+    let dir = proc_root.join(pid.to_string());
+    let maps = std::fs::read_to_string(dir.join("maps")).map_err(io_failure)?;
+    let wanted = |name: &str| match runtime {
+        Runtime::Jvm => name == "libjvm.so",
+        Runtime::Python => name.starts_with(PYTHON_LIB) && name.contains(".so"),
+        Runtime::Node => name.starts_with("libnode.so"),
+        Runtime::Go => false,
+    };
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_), Some(_), Some(_), Some(inode), Some(path)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if !wanted(name) || inode == "0" {
+            continue;
+        }
+        // The same path inside the process's mount namespace; map_files works even when
+        // the file was deleted or replaced since.
+        let rooted = dir.join("root").join(path.trim_start_matches('/'));
+        let by_mapping = dir.join("map_files").join(range);
+        for candidate in [rooted, by_mapping] {
+            if let Ok(key) = file_key(&candidate) {
+                if key.ino.to_string() == inode {
+                    return Ok(Some((candidate, key)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Truncated if the ELF header, or any section with contents in the file, reaches past the
+/// end of the file (`data` holds the file's first bytes, `len` its length); else unparseable.
+fn broken_elf(data: &[u8], len: u64, err: &str) -> Failure {
+    let word = |at: u64, n: usize| -> Option<u64> {
+        let b = data.get(usize::try_from(at).ok()?..usize::try_from(at).ok()? + n)?;
+        Some(b.iter().rev().fold(0u64, |acc, x| acc << 8 | u64::from(*x)))
+    };
+    let past_end = (|| {
+        let (phoff, shoff) = (word(0x20, 8)?, word(0x28, 8)?);
+        let (shentsize, shnum) = (word(0x3a, 2)?, word(0x3c, 2)?);
+        if len < 64 || phoff > len || shoff.saturating_add(shentsize * shnum) > len {
+            return Some(true);
+        }
+        // Section headers present: does one point past the end? (SHT_NOBITS has no bytes.)
+        let mut any = false;
+        for i in 0..shnum {
+            let h = shoff + i * shentsize;
+            let (kind, off, size) = (word(h + 4, 4)?, word(h + 0x18, 8)?, word(h + 0x20, 8)?);
+            any |= kind != 8 && off.saturating_add(size) > len;
+        }
+        Some(any)
+    })()
+    .unwrap_or(true);
+    if past_end {
+        Failure::Truncated
+    } else {
+        Failure::NotElf(err.to_string())
+    }
+}
+
+fn read_binary(path: &Path) -> Result<Vec<u8>, Failure> {
+    let len = std::fs::metadata(path).map_err(io_failure)?.len();
+    if len > MAX_BINARY_BYTES {
+        return Err(Failure::TooLarge);
+    }
+    std::fs::read(path).map_err(io_failure)
+}
+
+fn parse(data: &[u8]) -> Result<ElfFile64<'_>, Failure> {
+    ElfFile64::parse(data).map_err(|e| {
+        broken_elf(
+            &data[..data.len().min(64)],
+            data.len() as u64,
+            &e.to_string(),
+        )
+    })
+}
+
+/// Reads `path` and works out the probes for `runtime` in it.
+pub fn analyse(path: &Path, key: FileKey, runtime: Runtime) -> Result<Target, Failure> {
+    let data = read_binary(path)?;
+    let elf = parse(&data)?;
+    let (detail, probes) = match runtime {
+        Runtime::Go => go::plan(&elf)?,
+        Runtime::Jvm => jvm_plan(&elf)?,
+        Runtime::Python => python_plan(&elf)?,
+        Runtime::Node => node_plan(&elf)?,
+    };
+    Ok(Target {
+        runtime,
+        key,
+        detail,
+        probes,
+    })
+}
+
+fn usdt_probe(
+    elf: &ElfFile64<'_>,
+    provider: &str,
+    name: &'static str,
+) -> Result<usdt::UsdtProbe, Failure> {
+    usdt::probes(elf)
+        .map_err(|e| Failure::Usdt(e.to_string()))?
+        .into_iter()
+        .find(|p| p.provider == provider && p.name == name)
+        .ok_or(Failure::NoUsdt(name))
+}
+
+fn offset_of_symbol(elf: &ElfFile64<'_>, name: &str) -> Result<u64, Failure> {
+    let (addr, _) = elf::symbol(elf, name).ok_or_else(|| Failure::NoSymbol(name.into()))?;
+    elf::vaddr_to_offset(elf, addr).ok_or(Failure::Truncated)
+}
+
+const JVM_SAFEPOINT_BEGIN: &str = "_ZN20SafepointSynchronize5beginEv";
+const JVM_SAFEPOINT_END: &str = "_ZN20SafepointSynchronize3endEv";
+
+/// HotSpot: every stop-the-world pause is a safepoint, bracketed by
+/// `SafepointSynchronize::begin()` and `::end()` (local symbols in libjvm's .symtab); the
+/// USDT probe gc__begin, when present, marks the safepoints that collected garbage.
+fn jvm_plan(elf: &ElfFile64<'_>) -> Result<(String, Vec<ProbeSpec>), Failure> {
+    let begin = offset_of_symbol(elf, JVM_SAFEPOINT_BEGIN)?;
+    let end = offset_of_symbol(elf, JVM_SAFEPOINT_END)?;
+    let mut probes = vec![
+        ProbeSpec::entry(names::PROG_JVM_BEGIN, begin),
+        ProbeSpec::ret(names::PROG_JVM_REACHED, begin),
+        ProbeSpec::ret(names::PROG_JVM_END, end),
+    ];
+    let mut detail = "libjvm.so".to_string();
+    match usdt_probe(elf, "hotspot", "gc__begin") {
+        Ok(p) => probes.push(ProbeSpec {
+            ref_ctr: p.semaphore_offset.unwrap_or(0),
+            ..ProbeSpec::entry(names::PROG_JVM_GC, p.offset)
+        }),
+        Err(e) => {
+            log::warn!("libjvm.so: {e}: JVM pauses will all have cause=\"other\"");
+            detail.push_str(" (no gc__begin)");
+        }
+    }
+    Ok((detail, probes))
+}
+
+/// CPython: USDT python:gc__start / gc__done (semaphore-gated: the kernel raises the
+/// semaphore while attached, so the interpreter only pays for them while we listen).
+fn python_plan(elf: &ElfFile64<'_>) -> Result<(String, Vec<ProbeSpec>), Failure> {
+    let start = usdt_probe(elf, "python", "gc__start")?;
+    let done = usdt_probe(elf, "python", "gc__done")?;
+    let spec = |prog, p: &usdt::UsdtProbe| ProbeSpec {
+        ref_ctr: p.semaphore_offset.unwrap_or(0),
+        ..ProbeSpec::entry(prog, p.offset)
+    };
+    Ok((
+        "python".into(),
+        vec![
+            spec(names::PROG_RT_BEGIN, &start),
+            spec(names::PROG_RT_END, &done),
+        ],
+    ))
+}
+
+/// Node: V8's `Heap::CollectGarbage` entry and return bracket every collection, minor
+/// (scavenge) and major (mark-compact).
+fn node_plan(elf: &ElfFile64<'_>) -> Result<(String, Vec<ProbeSpec>), Failure> {
+    let (addr, _) = elf::symbol_with_prefix(elf, V8_COLLECT_GARBAGE)
+        .ok_or_else(|| Failure::NoSymbol(V8_COLLECT_GARBAGE.into()))?;
+    let off = elf::vaddr_to_offset(elf, addr).ok_or(Failure::Truncated)?;
+    Ok((
+        "v8".into(),
+        vec![
+            ProbeSpec::entry(names::PROG_RT_BEGIN, off),
+            ProbeSpec::ret(names::PROG_RT_END_RET, off),
+        ],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_and_a_missing_file_are_classified_without_panicking() {
+        let dir = std::env::temp_dir().join(format!("sw-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("script.sh");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        assert_eq!(classify_exe(&script).unwrap(), ExeClass::NotRuntime);
+        assert_eq!(
+            classify_exe(&dir.join("missing")).unwrap_err(),
+            Failure::Gone
+        );
+        let truncated = dir.join("truncated");
+        std::fs::write(&truncated, b"\x7fELF\x02\x01\x01").unwrap();
+        assert!(matches!(
+            analyse(&truncated, FileKey { dev: 0, ino: 0 }, Runtime::Go),
+            Err(Failure::Truncated)
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_agent_itself_is_not_a_runtime() {
+        let me = std::env::current_exe().unwrap();
+        assert_eq!(classify_exe(&me).unwrap(), ExeClass::NotRuntime);
+        // A Rust ELF analysed as Go fails with a reason, not a panic.
+        let key = file_key(&me).unwrap();
+        assert_eq!(
+            analyse(&me, key, Runtime::Go).unwrap_err().reason(),
+            "unsupported_version"
+        );
+    }
+}
