@@ -502,6 +502,127 @@ fn python_collections_match_gc_callbacks() {
 }
 
 #[test]
+fn a_child_forked_without_exec_is_found_by_the_rescan() {
+    let Some(_guard) = kernel_or_skip("a_child_forked_without_exec_is_found_by_the_rescan") else {
+        return;
+    };
+    let agent = Agent::start(&["--probes", "gc", "--per-pid"]);
+    let mut p = Interactive::spawn(Command::new("/usr/bin/python3.11").arg(fixture("gc.py")));
+    p.expect("ready");
+    wait_registered(&agent, p.pid);
+    p.send("fork");
+    let child: u32 = p
+        .expect("child")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // No exec event announces it: the periodic /proc rescan (10 s) does.
+    assert!(
+        wait_until(WAIT, || totals(&agent, child).0 > 0.0),
+        "the forked child's collections were never measured; log:\n{}",
+        agent.log()
+    );
+    unsafe { libc::kill(child as i32, libc::SIGKILL) };
+    p.send("exit");
+    p.expect("bye");
+    p.finish();
+}
+
+/// A JDK whose libjvm.so has no symbol table: a tree of symlinks to the system JDK, with
+/// its own launcher (so the JDK home is this tree) and a stripped copy of libjvm.so.
+fn jdk_without_symbols(dir: &Path) -> Option<PathBuf> {
+    let system = std::fs::canonicalize("/usr/lib/jvm/java-17-openjdk-amd64").ok()?;
+    let jdk = dir.join("jdk");
+    let ok = Command::new("cp")
+        .arg("-rs")
+        .arg(&system)
+        .arg(&jdk)
+        .status()
+        .ok()?
+        .success();
+    assert!(ok, "cp -rs {}", system.display());
+    for rel in ["bin/java", "lib/server/libjvm.so"] {
+        let real = std::fs::canonicalize(system.join(rel)).unwrap();
+        std::fs::remove_file(jdk.join(rel)).unwrap();
+        if rel.ends_with(".so") {
+            let status = Command::new("objcopy")
+                .arg("--strip-all")
+                .arg(&real)
+                .arg(jdk.join(rel))
+                .status()
+                .unwrap();
+            assert!(status.success());
+        } else {
+            std::fs::copy(&real, jdk.join(rel)).unwrap();
+        }
+    }
+    Some(jdk.join("bin/java"))
+}
+
+#[test]
+fn jvm_without_symbols_measures_collections_from_usdt() {
+    let Some(_guard) = kernel_or_skip("jvm_without_symbols_measures_collections_from_usdt") else {
+        return;
+    };
+    let dir = scratch("jvm-stripped");
+    let java = jdk_without_symbols(&dir).expect("OpenJDK 17 (cargo xtask setup installs it)");
+    let log = dir.join("safepoint.log");
+    let agent = Agent::start(&["--probes", "gc", "--per-pid"]);
+    let mut p = Interactive::spawn(
+        Command::new(&java)
+            .arg(format!("-Xlog:safepoint:file={}", log.display()))
+            .arg(fixture("Gc.java")),
+    );
+    p.expect("ready");
+    wait_registered(&agent, p.pid);
+    assert!(
+        agent.log().contains("USDT gc__begin/gc__end only"),
+        "{}",
+        agent.log()
+    );
+    let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+    let (n0, s0, _) = totals(&agent, p.pid);
+    for _ in 0..4 {
+        p.send("gc");
+        p.expect("done");
+    }
+    let (n1, s1, c1) = totals(&agent, p.pid);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let collections: Vec<f64> = text[offset..]
+        .lines()
+        .filter(|l| l.contains("Safepoint \"G1Collect"))
+        .map(|l| {
+            l.rsplit("Total: ")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        n1 - n0,
+        collections.len() as f64,
+        "one pause per collection"
+    );
+    assert_eq!(c1[1] + c1[2], 0.0, "all cause=gc");
+    // A collection runs inside its safepoint: shorter than the safepoint, not by much.
+    let safepoints: f64 = collections.iter().sum();
+    assert!(
+        s1 - s0 <= safepoints && s1 - s0 >= 0.5 * safepoints,
+        "collections {} ns vs their safepoints {safepoints} ns",
+        s1 - s0
+    );
+    p.send("exit");
+    p.expect("bye");
+    p.finish();
+}
+
+#[test]
 fn node_collections_match_trace_gc() {
     let Some(_guard) = kernel_or_skip("node_collections_match_trace_gc") else {
         return;

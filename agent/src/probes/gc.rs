@@ -41,11 +41,18 @@ const RECHECK_AFTER: &[Duration] = &[
     Duration::from_secs(10),
 ];
 
-/// Executables analysed and found to hold no runtime; cleared when it reaches this size.
+/// Executables classified, and binaries analysed: each cache is cleared (of what is not in
+/// use) when it reaches this size.
 const NEGATIVE_CACHE: usize = 8192;
 
-/// Exec events waiting for discovery; beyond this they are dropped and counted.
+/// Exec events waiting for discovery, and processes waiting for a recheck; beyond this they
+/// are dropped and counted.
 const QUEUE: usize = 4096;
+
+/// /proc is rescanned this often for processes no exec event announced: children a runtime
+/// forked without exec (gunicorn or multiprocessing workers, say). Their pauses until then
+/// are counted as `untracked_process` drops.
+const RESCAN: Duration = Duration::from_secs(10);
 
 /// `SW_PROC_GC`: one shared (not per-CPU) entry per process.
 pub struct GcSource {
@@ -187,6 +194,8 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         exe_cache: HashMap::new(),
         targets: HashMap::new(),
         pending: Vec::new(),
+        inspected: HashMap::new(),
+        next_scan: Instant::now() + RESCAN,
     };
     // The initial scan runs before start returns, so processes alive now are probed by the
     // time the agent reports ready.
@@ -248,22 +257,30 @@ struct Worker {
     targets: HashMap<FileKey, Result<Arc<Target>, Failure>>,
     /// (when, tgid, attempt) for processes whose runtime library is not mapped yet.
     pending: Vec<(Instant, u32, usize)>,
+    /// Processes inspected, and the executable they had: rescans skip them.
+    inspected: HashMap<u32, FileKey>,
+    next_scan: Instant,
 }
 
 impl Worker {
+    /// Inspects every process not inspected yet (all of them at start).
     fn scan(&mut self) {
+        self.next_scan = Instant::now() + RESCAN;
         let Ok(dir) = std::fs::read_dir(&self.proc_root) else {
             log::warn!("gc: cannot read {}", self.proc_root.display());
             return;
         };
         let me = std::process::id();
-        let pids: Vec<u32> = dir
+        let pids: HashSet<u32> = dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .filter(|p| *p != me)
             .collect();
+        self.inspected.retain(|pid, _| pids.contains(pid));
         for pid in pids {
-            // Long-running processes have their libraries mapped: no rechecks needed.
-            self.inspect(pid, None);
+            if !self.inspected.contains_key(&pid) {
+                // Long-running processes have their libraries mapped: no rechecks needed.
+                self.inspect(pid, None);
+            }
         }
     }
 
@@ -272,11 +289,16 @@ impl Worker {
             let timeout = self
                 .pending
                 .iter()
-                .map(|(t, _, _)| t.saturating_duration_since(Instant::now()))
+                .map(|(t, _, _)| *t)
+                .chain([self.next_scan])
                 .min()
-                .unwrap_or(Duration::from_secs(3600));
+                .map_or(RESCAN, |t| t.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(timeout) {
-                Ok(tgid) => self.inspect(tgid, Some(0)),
+                Ok(tgid) => {
+                    // An exec: whatever was inspected under this pid is stale.
+                    self.inspected.remove(&tgid);
+                    self.inspect(tgid, Some(0));
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -290,6 +312,9 @@ impl Worker {
             self.pending.retain(|(t, _, _)| *t > now);
             for (_, tgid, attempt) in due {
                 self.inspect(tgid, Some(attempt + 1));
+            }
+            if now >= self.next_scan {
+                self.scan();
             }
         }
     }
@@ -315,6 +340,7 @@ impl Worker {
         let Ok(key) = runtime::file_key(&exe) else {
             return;
         };
+        self.inspected.insert(pid, key);
         let class = match self.exe_cache.get(&key) {
             Some(c) => *c,
             None => {
@@ -341,9 +367,19 @@ impl Worker {
             ExeClass::Linked(r) => match runtime::find_library(&self.proc_root, pid, r) {
                 Ok(Some((path, file))) => (r, path, file),
                 Ok(None) => {
+                    // Not mapped yet: rescans look again, and a fresh exec is rechecked soon.
+                    self.inspected.remove(&pid);
                     if let Some(attempt) = recheck {
                         if let Some(delay) = RECHECK_AFTER.get(attempt) {
-                            self.pending.push((Instant::now() + *delay, pid, attempt));
+                            if self.pending.len() < QUEUE {
+                                self.pending.push((Instant::now() + *delay, pid, attempt));
+                            } else {
+                                self.state
+                                    .lock()
+                                    .expect("gc state lock poisoned")
+                                    .disc
+                                    .queue_full += 1;
+                            }
                         }
                     }
                     return;
@@ -365,6 +401,14 @@ impl Worker {
                         t.probes.len()
                     ),
                     Err(e) => self.fail(Some(runtime), pid, &describe(&path), e),
+                }
+                if self.targets.len() >= NEGATIVE_CACHE {
+                    // Forget analyses of binaries nobody runs now (they are redone if needed).
+                    let live: HashSet<FileKey> = {
+                        let s = self.state.lock().expect("gc state lock poisoned");
+                        s.disc.by_file.keys().copied().collect()
+                    };
+                    self.targets.retain(|k, _| live.contains(k));
                 }
                 self.targets.insert(file, t.clone());
                 if t.is_err() {

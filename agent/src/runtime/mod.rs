@@ -348,10 +348,41 @@ const JVM_SAFEPOINT_END: &str = "_ZN20SafepointSynchronize3endEv";
 
 /// HotSpot: every stop-the-world pause is a safepoint, bracketed by
 /// `SafepointSynchronize::begin()` and `::end()` (local symbols in libjvm's .symtab); the
-/// USDT probe gc__begin, when present, marks the safepoints that collected garbage.
+/// USDT probe gc__begin, when present, marks the safepoints that collected garbage. A libjvm
+/// without symbols falls back to the USDT probes gc__begin/gc__end: the collections only,
+/// without the time to reach the safepoint or the non-GC safepoints.
 fn jvm_plan(elf: &ElfFile64<'_>) -> Result<(String, Vec<ProbeSpec>), Failure> {
-    let begin = offset_of_symbol(elf, JVM_SAFEPOINT_BEGIN)?;
-    let end = offset_of_symbol(elf, JVM_SAFEPOINT_END)?;
+    let usdt_spec = |prog, p: &usdt::UsdtProbe| ProbeSpec {
+        ref_ctr: p.semaphore_offset.unwrap_or(0),
+        ..ProbeSpec::entry(prog, p.offset)
+    };
+    let (begin, end) = match (
+        offset_of_symbol(elf, JVM_SAFEPOINT_BEGIN),
+        offset_of_symbol(elf, JVM_SAFEPOINT_END),
+    ) {
+        (Ok(b), Ok(e)) => (b, e),
+        (Err(missing), _) | (_, Err(missing)) => {
+            let (b, e) = match (
+                usdt_probe(elf, "hotspot", "gc__begin"),
+                usdt_probe(elf, "hotspot", "gc__end"),
+            ) {
+                (Ok(b), Ok(e)) => (b, e),
+                // Neither way works: report the symbol, the better of the two.
+                _ => return Err(missing),
+            };
+            log::warn!(
+                "libjvm.so has no SafepointSynchronize symbols: measuring collections only \
+                 (USDT hotspot:gc__begin/gc__end)"
+            );
+            return Ok((
+                "libjvm.so (USDT gc__begin/gc__end only)".into(),
+                vec![
+                    usdt_spec(names::PROG_RT_BEGIN, &b),
+                    usdt_spec(names::PROG_RT_END, &e),
+                ],
+            ));
+        }
+    };
     let mut probes = vec![
         ProbeSpec::entry(names::PROG_JVM_BEGIN, begin),
         ProbeSpec::ret(names::PROG_JVM_REACHED, begin),
@@ -359,10 +390,7 @@ fn jvm_plan(elf: &ElfFile64<'_>) -> Result<(String, Vec<ProbeSpec>), Failure> {
     ];
     let mut detail = "libjvm.so".to_string();
     match usdt_probe(elf, "hotspot", "gc__begin") {
-        Ok(p) => probes.push(ProbeSpec {
-            ref_ctr: p.semaphore_offset.unwrap_or(0),
-            ..ProbeSpec::entry(names::PROG_JVM_GC, p.offset)
-        }),
+        Ok(p) => probes.push(usdt_spec(names::PROG_JVM_GC, &p)),
         Err(e) => {
             log::warn!("libjvm.so: {e}: JVM pauses will all have cause=\"other\"");
             detail.push_str(" (no gc__begin)");
