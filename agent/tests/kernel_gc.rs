@@ -99,6 +99,30 @@ impl Drop for Interactive {
     }
 }
 
+/// `promtool check metrics` accepts the exposition.
+fn assert_promtool_accepts(body: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -339,7 +363,10 @@ fn go_pauses_match_read_gc_stats_for_every_toolchain_and_build() {
         let p = Interactive::spawn(&mut Command::new(path));
         check_go(&agent, p, label, *stop_latency, *reasons);
     }
-    let m = agent.scrape();
+    let (code, body) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    assert_promtool_accepts(&body);
+    let m = Metrics::parse(&body);
     assert_eq!(
         m.sum(FAILURES, &[]),
         0.0,
@@ -359,10 +386,11 @@ fn go_pauses_match_read_gc_stats_for_every_toolchain_and_build() {
     // (The agent's log reaches us through a pipe: wait for the last lines.)
     let detached = || agent.log().matches("detaching go probes").count();
     wait_until(WAIT, || detached() >= builds.len());
-    assert_eq!(
-        detached(),
+    let n = detached();
+    assert!(
+        n == builds.len(),
+        "each of the {} binaries detached once, got {n} detaches; log:\n{}",
         builds.len(),
-        "each binary detached once; log:\n{}",
         agent.log()
     );
 }
@@ -758,7 +786,9 @@ fn damaged_foreign_and_deleted_binaries_are_reported_not_fatal() {
         log.contains(&format!("pid {}", cut.pid)) && log.contains("truncated"),
         "a clear log line for the truncated binary:\n{log}"
     );
-    let m = agent.scrape();
+    let (_, body) = agent.get("/metrics");
+    assert_promtool_accepts(&body);
+    let m = Metrics::parse(&body);
     assert_eq!(
         m.sum(FAILURES, &[]),
         2.0,

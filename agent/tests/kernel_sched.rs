@@ -255,11 +255,12 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
     let Some(_g) = kernel_or_skip("metrics_pass_promtool_and_self_metrics_are_present") else {
         return;
     };
-    // Both probes, the syscall one by name, so promtool sees every family.
+    // Every probe, the syscall one by name, so promtool sees every family (the gc probe's
+    // pause families are checked with live runtimes in kernel_gc).
     let agent = Agent::start(&[
         "--bpf-stats",
         "--probes",
-        "sched,syscalls,tcp",
+        "sched,syscalls,tcp,gc",
         "--syscall-names",
     ]);
     // Some activity so every family has samples.
@@ -277,7 +278,7 @@ fn metrics_pass_promtool_and_self_metrics_are_present() {
         String::from_utf8_lossy(std::mem::take(&mut promtool.stderr).as_slice())
     );
     let m = Metrics::parse(&body);
-    for probe in ["sched", "syscalls", "tcp"] {
+    for probe in ["sched", "syscalls", "tcp", "gc"] {
         assert_eq!(
             m.sum("stallwatch_probe_attached", &[("probe", probe)]),
             1.0,

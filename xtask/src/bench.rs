@@ -12,6 +12,8 @@
 //! 4. Syscall slowdown: alternating off/on `perf bench syscall basic`; ns added per syscall.
 //! 5. TCP probe cost: BPF stats under a loopback connection storm (swload), beside the
 //!    libbpf-tools peers that can attach here (tcplife; tcpconnlat needs kprobes or fentry).
+//! 6. gc probe: time added per Go GC (alternating off/on runs forcing GCs), BPF stats of its
+//!    programs, and the agent's own CPU time per exec it inspects (non-runtime and Go).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -36,6 +38,12 @@ pub struct Args {
     /// getppid calls per `perf bench syscall basic` run.
     #[arg(long, default_value_t = 2_000_000)]
     syscall_loops: u64,
+    /// Forced GCs per Go run in the gc section.
+    #[arg(long, default_value_t = 2_000)]
+    gc_loops: u64,
+    /// Execs per measurement of the gc probe's discovery cost.
+    #[arg(long, default_value_t = 1_000)]
+    execs: u64,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: String,
@@ -346,6 +354,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     ));
     report.push_str(&syscall_sections(&bin, args)?);
     report.push_str(&tcp_section(&bin, args)?);
+    report.push_str(&gc_section(&bin, args)?);
     let report = report.replacen(
         " in 0 s.",
         &format!(" in {:.0} s.", started.elapsed().as_secs_f64()),
@@ -624,5 +633,131 @@ fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
         report.push_str(&format!("\n{f}\n"));
     }
     drop(peers);
+    Ok(report)
+}
+
+/// Runs the gcpause fixture forcing `loops` GCs; wall time in seconds.
+fn go_gc_run(program: &std::path::Path, loops: u64) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let mut child = Command::new(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting gcpause")?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut input = "gc\n".repeat(loops as usize);
+        input.push_str("exit\n");
+        stdin.write_all(input.as_bytes())?;
+    }
+    if !child.wait()?.success() {
+        bail!("gcpause failed");
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Nanoseconds all of `pid`'s threads have spent on a CPU (/proc/<pid>/task/*/schedstat).
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue; // a thread that just exited
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("parsing schedstat")?;
+    }
+    Ok(total)
+}
+
+/// Section 6: the gc probe.
+fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
+    let go = crate::setup::go_toolchain_dir("1.27.3").join("go/bin/go");
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let program = dir.join("gcpause");
+    cmd::run(
+        Command::new(&go)
+            .arg("build")
+            .arg("-o")
+            .arg(&program)
+            .arg(root().join("agent/tests/fixtures/gcpause.go"))
+            .env("GOCACHE", root().join("target/gocache"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GO111MODULE", "off"),
+    )?;
+    let loops = args.gc_loops;
+    // Time added per GC: alternating off/on.
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..args.pairs {
+        off.push(go_gc_run(&program, loops)?);
+        let _agent = Agent::start_with(bin, &["--probes", "gc"])?;
+        on.push(go_gc_run(&program, loops)?);
+    }
+    let (off_med, on_med) = (median(&mut off.clone()), median(&mut on.clone()));
+    let per_gc_us = |s: f64| s * 1e6 / loops as f64;
+    // BPF cost per program, and discovery cost per exec, with one agent.
+    let _stats = StatsGuard::enable()?;
+    let base = prog_stats()?;
+    let agent = Agent::start_with(bin, &["--probes", "gc"])?;
+    let ids = new_ids(&base)?;
+    let before = prog_stats()?;
+    go_gc_run(&program, loops)?;
+    let after = prog_stats()?;
+    let rows = deltas(&[("stallwatch", ids)], &before, &after);
+    let apid = agent.0.id();
+    let execs = args.execs;
+    let c0 = cpu_ns(apid)?;
+    for _ in 0..execs {
+        if !Command::new("/bin/true").status()?.success() {
+            bail!("/bin/true failed");
+        }
+    }
+    // Let discovery drain its queue before reading its CPU time.
+    std::thread::sleep(Duration::from_secs(1));
+    let c1 = cpu_ns(apid)?;
+    let go_runs = (execs / 10).max(10);
+    for _ in 0..go_runs {
+        go_gc_run(&program, 0)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let c2 = cpu_ns(apid)?;
+    drop(agent);
+    let mut report = format!(
+        "\n## gc probe\n\nWorkload: a Go 1.27.3 program (`agent/tests/fixtures/gcpause.go`) forcing \
+         {loops} `runtime.GC()` calls, each two stop-the-world pauses. {} alternating pairs, agent \
+         off then `stallwatch run --probes gc`:\n\n| | median s | µs per GC |\n|---|---:|---:|\n\
+         | agent off | {off_med:.3} | {:.1} |\n| agent on | {on_med:.3} | {:.1} |\n\n\
+         Added per GC (two stop-the-world pauses, each with two uprobe hits: startTheWorldWithSema's \
+         entry and its RET): \
+         **{:.2} µs**. Raw off: {off:?}; raw on: {on:?}.\n\nBPF programs in one agent-on run \
+         (kernel.bpf_stats_enabled=1; the uprobe trap itself is not in these numbers):\n\n\
+         | program | runs | total ns | ns/run |\n|---|---:|---:|---:|\n",
+        args.pairs,
+        per_gc_us(off_med),
+        per_gc_us(on_med),
+        per_gc_us(on_med - off_med),
+    );
+    for (_, name, dt, dc) in &rows {
+        if *dc == 0 {
+            continue;
+        }
+        report.push_str(&format!(
+            "| `{name}` | {dc} | {dt} | {:.1} |\n",
+            *dt as f64 / *dc as f64
+        ));
+    }
+    report.push_str(&format!(
+        "\nDiscovery, the agent's own CPU time (/proc/<agent>/schedstat) per process it inspects: \
+         {:.1} µs per exec of `/bin/true` ({execs} execs: not a runtime, classified once per \
+         file, then a stat), {:.0} µs per start of the Go program ({go_runs} runs, each \
+         registered and its probes attached, then detached when it exits).\n",
+        (c1 - c0) as f64 / 1e3 / execs as f64,
+        (c2 - c1) as f64 / 1e3 / go_runs as f64,
+    ));
     Ok(report)
 }
