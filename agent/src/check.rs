@@ -130,6 +130,16 @@ pub fn run(mut config: Config) -> bool {
         "tracefs",
         &format!("{detail} (not needed by tp_btf probes)"),
     );
+    let uprobes = crate::runtime::uprobe::Pmu::from_sysfs();
+    line(
+        uprobes.is_ok(),
+        false,
+        "uprobes",
+        &match &uprobes {
+            Ok(_) => "uprobe PMU present (needed by the gc probe)".to_string(),
+            Err(e) => format!("{e}: the gc probe cannot attach"),
+        },
+    );
     let object = crate::embedded::object();
     line(
         object.is_ok(),
