@@ -95,11 +95,17 @@ struct Attached {
     users: HashSet<u32>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Registered {
+    binary: FileKey,
+    exe: FileKey,
+}
+
 #[derive(Default)]
 struct Discovery {
     by_file: HashMap<FileKey, Attached>,
-    /// tgid -> the binary its runtime lives in.
-    procs: HashMap<u32, FileKey>,
+    /// tgid -> the binary its runtime lives in, and its executable when it was registered.
+    procs: HashMap<u32, Registered>,
     /// Attach failures by (runtime, reason); `None`: an executable too damaged to tell.
     failures: HashMap<(Option<Runtime>, &'static str), u64>,
     queue_full: u64,
@@ -114,7 +120,7 @@ struct State {
 impl State {
     /// Forgets `tgid` as a user of its binary; detaches the binary's probes if it was the last.
     fn unregister(&mut self, tgid: u32) {
-        let Some(key) = self.disc.procs.remove(&tgid) else {
+        let Some(Registered { binary: key, .. }) = self.disc.procs.remove(&tgid) else {
             return;
         };
         if let Some(a) = self.disc.by_file.get_mut(&key) {
@@ -138,8 +144,14 @@ impl ProcessEvents for State {
     }
 
     fn on_exec(&mut self, ev: &ProcEvent, now: Instant) {
-        if self.disc.procs.contains_key(&ev.tgid) {
-            // The old image's pauses end here; the new image is inspected afresh.
+        if let Some(r) = self.disc.procs.get(&ev.tgid) {
+            // A rescan that ran between the exec and this event registered the new image
+            // already; otherwise the old image's pauses end here and the new one is
+            // inspected afresh.
+            let exe = PathBuf::from(format!("/proc/{}/exe", ev.tgid));
+            if runtime::file_key(&exe).ok() == Some(r.exe) {
+                return;
+            }
             self.ps.on_exit(ev, now);
             self.unregister(ev.tgid);
         }
@@ -427,7 +439,7 @@ impl Worker {
                 .or_default() += 1;
             return;
         };
-        if let Err(e) = self.register(pid, &path, target) {
+        if let Err(e) = self.register(pid, key, &path, target) {
             self.fail(Some(runtime), pid, &describe(&path), &e);
         }
     }
@@ -436,11 +448,12 @@ impl Worker {
     fn register(
         &mut self,
         pid: u32,
+        exe: FileKey,
         path: &std::path::Path,
         target: Arc<Target>,
     ) -> Result<(), Failure> {
         let mut s = self.state.lock().expect("gc state lock poisoned");
-        if s.disc.procs.get(&pid) == Some(&target.key) {
+        if s.disc.procs.get(&pid).map(|r| r.binary) == Some(target.key) {
             return Ok(());
         }
         let entry = GcStats {
@@ -491,7 +504,13 @@ impl Worker {
             .expect("inserted above")
             .users
             .insert(pid);
-        s.disc.procs.insert(pid, target.key);
+        s.disc.procs.insert(
+            pid,
+            Registered {
+                binary: target.key,
+                exe,
+            },
+        );
         // Name the process now, from /proc: an exit event carries only its last thread's name.
         s.ps.refresh(Instant::now());
         Ok(())
@@ -521,8 +540,8 @@ impl super::Probe for GcProbe {
         let mut s = self.lock();
         s.ps.refresh(arrived);
         let mut processes = [0u64; NUM_RUNTIMES];
-        for key in s.disc.procs.values() {
-            if let Some(a) = s.disc.by_file.get(key) {
+        for r in s.disc.procs.values() {
+            if let Some(a) = s.disc.by_file.get(&r.binary) {
                 processes[a.target.runtime as usize - 1] += 1;
             }
         }
