@@ -35,6 +35,9 @@ enum Command {
     Run(config::Flags),
     /// Load and attach every probe, report kernel, BTF, tracefs and capabilities; exit 1 naming what is missing.
     Check(config::Flags),
+    /// Show the language runtime in a binary or process and where the gc probe attaches to it
+    /// (file offsets); says why when it cannot. Reading a file needs no privileges.
+    Runtime(runtime::cli::Args),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
                 std::process::exit(1);
             }
         }),
+        Command::Runtime(args) => runtime::cli::run(&args).map(|report| print!("{report}")),
         Command::Config {
             command: ConfigCommand::Dump(flags),
         } => flags.resolve().map(|c| print!("{}", c.to_toml())),

@@ -7,6 +7,7 @@
 //! other mount namespaces, and binaries deleted since the process started, are still read and
 //! probed. Results are cached per file (device, inode), so a binary is analysed once.
 
+pub mod cli;
 pub mod elf;
 pub mod go;
 pub mod gopclntab;
