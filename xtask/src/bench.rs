@@ -673,6 +673,32 @@ fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// The C library this process runs with (for a reference uprobe on its getppid).
+fn libc_path() -> anyhow::Result<String> {
+    std::fs::read_to_string("/proc/self/maps")?
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(str::to_string)
+        .context("no libc in /proc/self/maps")
+}
+
+/// What one bare uprobe hit costs on this machine: `perf bench syscall basic` (libc getppid in
+/// a loop) without and with a tracefs uprobe on getppid (`perf probe`). µs per call, off/on.
+fn bare_uprobe_cost() -> anyhow::Result<(f64, f64)> {
+    let libc = libc_path()?;
+    let loops = 100_000;
+    let off = perf_bench(&syscall_basic_cmd(loops))?;
+    cmd::run(Command::new("perf").args(["probe", "-q", "-x", &libc, "sw_bench=getppid"]))?;
+    let enable = "/sys/kernel/tracing/events/probe_libc/sw_bench/enable";
+    let on = std::fs::write(enable, "1")
+        .context(enable)
+        .and_then(|()| perf_bench(&syscall_basic_cmd(loops)));
+    let _ = std::fs::write(enable, "0");
+    let _ = cmd::run(Command::new("perf").args(["probe", "-q", "-d", "probe_libc:sw_bench"]));
+    Ok((off, on?))
+}
+
 /// Section 6: the gc probe.
 fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     let go = crate::setup::go_toolchain_dir("1.27.3").join("go/bin/go");
@@ -727,6 +753,7 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     std::thread::sleep(Duration::from_secs(1));
     let c2 = cpu_ns(apid)?;
     drop(agent);
+    let (bare_off, bare_on) = bare_uprobe_cost()?;
     let mut report = format!(
         "\n## gc probe\n\nWorkload: a Go 1.27.3 program (`agent/tests/fixtures/gcpause.go`) forcing \
          {loops} `runtime.GC()` calls, each two stop-the-world pauses. {} alternating pairs, agent \
@@ -734,13 +761,18 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
          | agent off | {off_med:.3} | {:.1} |\n| agent on | {on_med:.3} | {:.1} |\n\n\
          Added per GC (two stop-the-world pauses, each with two uprobe hits: startTheWorldWithSema's \
          entry and its RET): \
-         **{:.2} µs**. Raw off: {off:?}; raw on: {on:?}.\n\nBPF programs in one agent-on run \
+         **{:.2} µs**. Raw off: {off:?}; raw on: {on:?}.\n\nFor scale, one bare uprobe hit on this \
+         machine (a tracefs probe on libc getppid, `perf probe -x <libc> getppid`, under \
+         `perf bench syscall basic`): {bare_off:.3} → {bare_on:.3} µs per call, **{:.1} µs per \
+         hit**. Uprobes trap into the kernel (int3, then a single-step of the displaced \
+         instruction); on this VM that trap dominates everything the probe's programs do.\n\nBPF programs in one agent-on run \
          (kernel.bpf_stats_enabled=1; the uprobe trap itself is not in these numbers):\n\n\
          | program | runs | total ns | ns/run |\n|---|---:|---:|---:|\n",
         args.pairs,
         per_gc_us(off_med),
         per_gc_us(on_med),
         per_gc_us(on_med - off_med),
+        bare_on - bare_off,
     );
     for (_, name, dt, dc) in &rows {
         if *dc == 0 {

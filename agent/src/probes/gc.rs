@@ -115,6 +115,9 @@ struct State {
     ps: ProcessState<GcSource>,
     disc: Discovery,
     queue: SyncSender<u32>,
+    /// Executables known to hold no runtime (shared with the worker, which fills it): an
+    /// exec of one is dismissed here without waking the worker.
+    not_runtime: Arc<Mutex<HashSet<FileKey>>>,
 }
 
 impl State {
@@ -155,6 +158,19 @@ impl ProcessEvents for State {
             self.ps.on_exit(ev, now);
             self.unregister(ev.tgid);
         }
+        // Gone already (short-lived), or a known non-runtime: nothing to inspect.
+        let exe = PathBuf::from(format!("/proc/{}/exe", ev.tgid));
+        let Ok(key) = runtime::file_key(&exe) else {
+            return;
+        };
+        if self
+            .not_runtime
+            .lock()
+            .expect("gc cache lock poisoned")
+            .contains(&key)
+        {
+            return;
+        }
         if let Err(TrySendError::Full(_)) = self.queue.try_send(ev.tgid) {
             self.disc.queue_full += 1;
         }
@@ -191,10 +207,12 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         entries: 0,
     };
     let (tx, rx) = sync_channel(QUEUE);
+    let not_runtime = Arc::new(Mutex::new(HashSet::new()));
     let state = Arc::new(Mutex::new(State {
         ps: ProcessState::new(source, ctx.config.per_pid, ctx.config.exit_grace),
         disc: Discovery::default(),
         queue: tx,
+        not_runtime: not_runtime.clone(),
     }));
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
@@ -204,6 +222,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         fds,
         proc_root: PathBuf::from("/proc"),
         exe_cache: HashMap::new(),
+        not_runtime,
         targets: HashMap::new(),
         pending: Vec::new(),
         inspected: HashMap::new(),
@@ -265,6 +284,7 @@ struct Worker {
     proc_root: PathBuf,
     /// Executable -> class (negative results bounded by `NEGATIVE_CACHE`).
     exe_cache: HashMap<FileKey, ExeClass>,
+    not_runtime: Arc<Mutex<HashSet<FileKey>>>,
     /// Binaries analysed, whether or not attached now (a failed analysis is not retried).
     targets: HashMap<FileKey, Result<Arc<Target>, Failure>>,
     /// (when, tgid, attempt) for processes whose runtime library is not mapped yet.
@@ -368,8 +388,15 @@ impl Worker {
                 };
                 if self.exe_cache.len() >= NEGATIVE_CACHE {
                     self.exe_cache.clear();
+                    self.not_runtime.lock().expect("gc cache lock poisoned").clear();
                 }
                 self.exe_cache.insert(key, c);
+                if c == ExeClass::NotRuntime {
+                    self.not_runtime
+                        .lock()
+                        .expect("gc cache lock poisoned")
+                        .insert(key);
+                }
                 c
             }
         };
