@@ -31,6 +31,15 @@ pub const NAME: &str = "gc";
 
 const PROGRAMS: &[&str] = names::GC_PROGRAMS;
 
+/// Programs that begin a pause; attached after the rest.
+const BEGIN_PROGRAMS: &[&str] = &[
+    names::PROG_GO_START,
+    names::PROG_GO_STOP,
+    names::PROG_GO_STOP_NOREASON,
+    names::PROG_JVM_BEGIN,
+    names::PROG_RT_BEGIN,
+];
+
 /// A process linking a runtime library is looked at again after these delays (from its
 /// exec), until the library shows up in its maps: the dynamic loader, or the JVM launcher's
 /// dlopen, maps it after the exec event.
@@ -91,6 +100,8 @@ impl Source for GcSource {
 /// A binary's uprobes and the processes using it.
 struct Attached {
     target: Arc<Target>,
+    /// The file as the first process using it named it, for logs.
+    shown: String,
     _links: Vec<OwnedFd>,
     users: HashSet<u32>,
 }
@@ -118,9 +129,19 @@ struct State {
     /// Executables known to hold no runtime (shared with the worker, which fills it): an
     /// exec of one is dismissed here without waking the worker.
     not_runtime: Arc<Mutex<HashSet<FileKey>>>,
+    last_naming: Option<Instant>,
 }
 
 impl State {
+    /// Ends a registration made for an image the process no longer runs: its pauses so far
+    /// stay in its series, its entry goes, its binary loses a user.
+    fn forget(&mut self, tgid: u32) {
+        if self.disc.procs.contains_key(&tgid) {
+            self.ps.retire_now(tgid);
+            self.unregister(tgid);
+        }
+    }
+
     /// Forgets `tgid` as a user of its binary; detaches the binary's probes if it was the last.
     fn unregister(&mut self, tgid: u32) {
         let Some(Registered { binary: key, .. }) = self.disc.procs.remove(&tgid) else {
@@ -131,8 +152,9 @@ impl State {
             if a.users.is_empty() {
                 let a = self.disc.by_file.remove(&key).expect("present");
                 log::info!(
-                    "gc: detaching {} probes from {} (no process uses it any more)",
+                    "gc: detaching {} probes from {} ({}): no process uses it any more",
                     a.target.runtime.label(),
+                    a.shown,
                     a.target.detail
                 );
             }
@@ -213,6 +235,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         disc: Discovery::default(),
         queue: tx,
         not_runtime: not_runtime.clone(),
+        last_naming: None,
     }));
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
@@ -353,42 +376,65 @@ impl Worker {
 
     fn fail(&self, runtime: Option<Runtime>, pid: u32, what: &str, f: &Failure) {
         if *f == Failure::Gone {
+            // Not a failure: the process ended before we got to it.
             log::debug!("gc: pid {pid} exited before it could be inspected");
-        } else {
-            log::warn!(
-                "gc: cannot probe {} in pid {pid} ({what}): {f}",
-                runtime.map_or("a runtime", |r| r.label())
-            );
+            return;
         }
+        log::warn!(
+            "gc: cannot probe {} in pid {pid} ({what}): {f}",
+            runtime.map_or("a runtime", |r| r.label())
+        );
         let mut s = self.state.lock().expect("gc state lock poisoned");
         *s.disc.failures.entry((runtime, f.reason())).or_default() += 1;
     }
 
+    /// [`Self::inspect_inner`], with a panic (a parser bug on some binary) contained and
+    /// counted instead of ending discovery.
+    fn inspect(&mut self, pid: u32, recheck: Option<usize>) {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inspect_inner(pid, recheck)
+        }));
+        if caught.is_err() {
+            log::error!(
+                "gc: inspecting pid {pid} panicked (a bug: please report it with the binary)"
+            );
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            *s.disc.failures.entry((None, "internal_error")).or_default() += 1;
+        }
+    }
+
     /// Looks at `pid`; `recheck` is the attempt number for processes that just exec'd
     /// (`None` at the start-up scan).
-    fn inspect(&mut self, pid: u32, recheck: Option<usize>) {
+    fn inspect_inner(&mut self, pid: u32, recheck: Option<usize>) {
         let exe = self.proc_root.join(pid.to_string()).join("exe");
         // Kernel threads have no exe; a vanished process is nothing to report.
         let Ok(key) = runtime::file_key(&exe) else {
             return;
         };
         self.inspected.insert(pid, key);
+        let mut opened_exe = None;
         let class = match self.exe_cache.get(&key) {
             Some(c) => *c,
             None => {
-                let c = match runtime::classify_exe(&exe) {
+                let exe_file = match runtime::open_exe(&self.proc_root, pid) {
+                    Ok(o) => o,
+                    Err(_) => return, // gone, or a kernel thread
+                };
+                let c = match runtime::classify(&exe_file.file, &runtime::path_name(&exe)) {
                     Ok(c) => c,
                     Err(Failure::Gone) => return,
                     Err(e) => {
                         // Reported once per file, then treated as no runtime.
-                        let target = std::fs::read_link(&exe).unwrap_or_default();
-                        self.fail(None, pid, &target.display().to_string(), &e);
+                        self.fail(None, pid, &exe_file.shown, &e);
                         ExeClass::NotRuntime
                     }
                 };
                 if self.exe_cache.len() >= NEGATIVE_CACHE {
                     self.exe_cache.clear();
-                    self.not_runtime.lock().expect("gc cache lock poisoned").clear();
+                    self.not_runtime
+                        .lock()
+                        .expect("gc cache lock poisoned")
+                        .clear();
                 }
                 self.exe_cache.insert(key, c);
                 if c == ExeClass::NotRuntime {
@@ -397,14 +443,27 @@ impl Worker {
                         .expect("gc cache lock poisoned")
                         .insert(key);
                 }
+                opened_exe = Some(exe_file);
                 c
             }
         };
-        let (runtime, path, file) = match class {
-            ExeClass::NotRuntime => return,
-            ExeClass::Runtime(r) => (r, exe, key),
+        let (runtime, opened) = match class {
+            ExeClass::NotRuntime => {
+                // A process registered under an earlier image that no longer holds a runtime.
+                self.state
+                    .lock()
+                    .expect("gc state lock poisoned")
+                    .forget(pid);
+                return;
+            }
+            ExeClass::Runtime(r) => {
+                match opened_exe.map_or_else(|| runtime::open_exe(&self.proc_root, pid), Ok) {
+                    Ok(o) => (r, o),
+                    Err(_) => return,
+                }
+            }
             ExeClass::Linked(r) => match runtime::find_library(&self.proc_root, pid, r) {
-                Ok(Some((path, file))) => (r, path, file),
+                Ok(Some(o)) => (r, o),
                 Ok(None) => {
                     // Not mapped yet: rescans look again, and a fresh exec is rechecked soon.
                     self.inspected.remove(&pid);
@@ -427,19 +486,24 @@ impl Worker {
                 Err(e) => return self.fail(Some(r), pid, "reading its maps", &e),
             },
         };
-        let target = match self.targets.get(&file) {
+        let target = match self.targets.get(&opened.key) {
             Some(t) => t.clone(),
             None => {
-                let t = runtime::analyse(&path, file, runtime).map(Arc::new);
+                let t = runtime::analyse(&opened.file, opened.key, runtime).map(Arc::new);
                 match &t {
                     Ok(t) => log::info!(
                         "gc: {} runtime in {} ({}): {} probes",
                         runtime.label(),
-                        describe(&path),
+                        opened.shown,
                         t.detail,
                         t.probes.len()
                     ),
-                    Err(e) => self.fail(Some(runtime), pid, &describe(&path), e),
+                    Err(e) => self.fail(Some(runtime), pid, &opened.shown, e),
+                }
+                // What the file holds is settled; that the process went away or a read
+                // failed is not, so those are not remembered.
+                if matches!(t, Err(Failure::Gone | Failure::Io(_))) {
+                    return;
                 }
                 if self.targets.len() >= NEGATIVE_CACHE {
                     // Forget analyses of binaries nobody runs now (they are redone if needed).
@@ -449,7 +513,7 @@ impl Worker {
                     };
                     self.targets.retain(|k, _| live.contains(k));
                 }
-                self.targets.insert(file, t.clone());
+                self.targets.insert(opened.key, t.clone());
                 if t.is_err() {
                     return;
                 }
@@ -457,7 +521,7 @@ impl Worker {
             }
         };
         let Ok(target) = target else {
-            // Analysed before and failed: counted then; count this process too.
+            // Analysed before and failed (logged then): count this process too.
             let e = target.unwrap_err();
             let mut s = self.state.lock().expect("gc state lock poisoned");
             *s.disc
@@ -466,8 +530,8 @@ impl Worker {
                 .or_default() += 1;
             return;
         };
-        if let Err(e) = self.register(pid, key, &path, target) {
-            self.fail(Some(runtime), pid, &describe(&path), &e);
+        if let Err(e) = self.register(pid, key, &opened, target) {
+            self.fail(Some(runtime), pid, &opened.shown, &e);
         }
     }
 
@@ -476,12 +540,15 @@ impl Worker {
         &mut self,
         pid: u32,
         exe: FileKey,
-        path: &std::path::Path,
+        opened: &runtime::Opened,
         target: Arc<Target>,
     ) -> Result<(), Failure> {
         let mut s = self.state.lock().expect("gc state lock poisoned");
-        if s.disc.procs.get(&pid).map(|r| r.binary) == Some(target.key) {
-            return Ok(());
+        match s.disc.procs.get(&pid) {
+            Some(r) if r.binary == target.key => return Ok(()),
+            // Registered under an image it has since replaced.
+            Some(_) => s.forget(pid),
+            None => {}
         }
         let entry = GcStats {
             runtime: target.runtime as u32,
@@ -500,12 +567,21 @@ impl Worker {
             })?;
         if !s.disc.by_file.contains_key(&target.key) {
             let mut links = Vec::with_capacity(target.probes.len());
-            for p in &target.probes {
+            // Ends before begins: a pause beginning while the probes go in must not leave a
+            // begin whose end was never seen.
+            let (begins, ends): (Vec<_>, Vec<_>) = target
+                .probes
+                .iter()
+                .partition(|p| BEGIN_PROGRAMS.contains(&p.prog));
+            for p in ends.into_iter().chain(begins) {
                 let fd = self.fds.get(p.prog).expect("every program is loaded");
-                match self
-                    .pmu
-                    .attach(fd.as_fd(), path, p.offset, p.retprobe, p.ref_ctr)
-                {
+                match self.pmu.attach(
+                    fd.as_fd(),
+                    &opened.attach_path(),
+                    p.offset,
+                    p.retprobe,
+                    p.ref_ctr,
+                ) {
                     Ok(l) => links.push(l),
                     Err(e) => {
                         s.ps.source.remove(pid);
@@ -520,6 +596,7 @@ impl Worker {
                 target.key,
                 Attached {
                     target: target.clone(),
+                    shown: opened.shown.clone(),
                     _links: links,
                     users: HashSet::new(),
                 },
@@ -538,17 +615,16 @@ impl Worker {
                 exe,
             },
         );
-        // Name the process now, from /proc: an exit event carries only its last thread's name.
-        s.ps.refresh(Instant::now());
+        // Name the process from /proc soon (an exit event carries only its last thread's
+        // name): a refresh reads every entry, so at most one a second.
+        let now = Instant::now();
+        if s.last_naming
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            s.last_naming = Some(now);
+            s.ps.refresh(now);
+        }
         Ok(())
-    }
-}
-
-/// A /proc path and what it points at, e.g. "/proc/42/exe -> /usr/bin/app (deleted)".
-fn describe(path: &std::path::Path) -> String {
-    match std::fs::read_link(path) {
-        Ok(target) => format!("{} -> {}", path.display(), target.display()),
-        Err(_) => path.display().to_string(),
     }
 }
 
@@ -581,13 +657,10 @@ impl super::Probe for GcProbe {
         let s = self.lock();
         let k = |c| self.counters.get(c);
         let mut v = vec![
-            ("inflight_map_full", k(Counter::GcInflightFailed)),
+            ("inflight_insert_failed", k(Counter::GcInflightFailed)),
             ("untracked_process", k(Counter::GcUntracked)),
+            ("unmatched_pause_end", k(Counter::GcUnmatched)),
             ("discovery_queue_full", s.disc.queue_full),
-            (
-                "unmatched_pause_end",
-                s.ps.series().iter().map(|(_, v)| v.unmatched).sum(),
-            ),
         ];
         v.extend(s.ps.drops.list());
         v

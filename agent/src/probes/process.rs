@@ -240,6 +240,15 @@ impl<S: Source> ProcessState<S> {
         }
     }
 
+    /// Ends a live process's entries (it stopped being of interest, e.g. it exec'd into
+    /// another image): what they counted stays in its series.
+    pub fn retire_now(&mut self, tgid: u32) {
+        let last = self.retire(tgid);
+        let id = procfs::identity(&self.proc_root, tgid).unwrap_or_else(unknown);
+        self.agg.on_exit(tgid, last, id, Instant::now());
+        self.unresolved.remove(&tgid);
+    }
+
     pub fn series(&self) -> Vec<(SeriesKey, S::Value)> {
         self.agg.series()
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use stallwatch_common::gc::Runtime;
 
-use super::{analyse, classify_exe, file_key, find_library, ExeClass, Target};
+use super::{analyse, classify, find_library, open_exe, path_name, ExeClass, Opened, Target};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,44 +30,50 @@ fn parse_runtime(s: &str) -> Result<Runtime, String> {
 
 /// The report printed on success; an error names the reason.
 pub fn run(args: &Args) -> anyhow::Result<String> {
-    let (path, runtime) = match (args.pid, &args.path) {
+    let (opened, runtime) = match (args.pid, &args.path) {
         (Some(pid), _) => {
-            let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-            match (args.as_runtime, classify_exe(&exe)?) {
+            let exe = open_exe(Path::new("/proc"), pid)?;
+            let name = path_name(&PathBuf::from(format!("/proc/{pid}/exe")));
+            match (args.as_runtime, classify(&exe.file, &name)?) {
                 (Some(r), _) | (None, ExeClass::Runtime(r)) => (exe, r),
                 (None, ExeClass::Linked(r)) => {
-                    let (lib, _) = find_library(Path::new("/proc"), pid, r)?.with_context(|| {
-                        format!("pid {pid} links the {} runtime but has not mapped it (yet)", r.label())
+                    let lib = find_library(Path::new("/proc"), pid, r)?.with_context(|| {
+                        format!(
+                            "pid {pid} links the {} runtime but has not mapped it (yet)",
+                            r.label()
+                        )
                     })?;
                     (lib, r)
                 }
                 (None, ExeClass::NotRuntime) => bail!("pid {pid}: no runtime the gc probe knows"),
             }
         }
-        (None, Some(path)) => match (args.as_runtime, {
-            std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-            classify_exe(path)?
-        }) {
-            (Some(r), _) | (None, ExeClass::Runtime(r)) => (path.clone(), r),
-            (None, ExeClass::Linked(r)) => bail!(
-                "{} loads the {} runtime from a library: pass that library with --as {}, or a running process with --pid",
-                path.display(),
-                r.label(),
-                r.label()
-            ),
-            (None, ExeClass::NotRuntime) => bail!("{}: no runtime the gc probe knows", path.display()),
-        },
+        (None, Some(path)) => {
+            let file = Opened::open(path, path.display().to_string())
+                .with_context(|| format!("{}", path.display()))?;
+            match (args.as_runtime, classify(&file.file, &path_name(path))?) {
+                (Some(r), _) | (None, ExeClass::Runtime(r)) => (file, r),
+                (None, ExeClass::Linked(r)) => bail!(
+                    "{} loads the {} runtime from a library: pass that library with --as {}, or a running process with --pid",
+                    path.display(),
+                    r.label(),
+                    r.label()
+                ),
+                (None, ExeClass::NotRuntime) => {
+                    bail!("{}: no runtime the gc probe knows", path.display())
+                }
+            }
+        }
         (None, None) => bail!("give a path or --pid"),
     };
-    let key = file_key(&path)?;
-    let target = analyse(&path, key, runtime)
-        .with_context(|| format!("{} as {}", path.display(), runtime.label()))?;
-    Ok(render(&path, &target))
+    let target = analyse(&opened.file, opened.key, runtime)
+        .with_context(|| format!("{} as {}", opened.shown, runtime.label()))?;
+    Ok(render(&opened.shown, &target))
 }
 
-fn render(path: &Path, t: &Target) -> String {
+fn render(shown: &str, t: &Target) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "file: {}", path.display());
+    let _ = writeln!(out, "file: {shown}");
     let _ = writeln!(out, "runtime: {}", t.runtime.label());
     let _ = writeln!(out, "detail: {}", t.detail);
     for p in &t.probes {

@@ -136,13 +136,106 @@ pub enum ExeClass {
     Linked(Runtime),
 }
 
+/// overlayfs' `f_type`.
+const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+
+/// A file's identity as uprobes see it. On overlayfs every mount has its own device number,
+/// yet replicas of one image (one mount per container) share the lower file, which is what the
+/// kernel attaches uprobes to (`d_real_inode`); overlayfs shows the real inode number. So an
+/// overlay file is keyed by inode, size and modification time instead of device.
+fn key_of(m: &std::fs::Metadata, fs_type: Option<i64>) -> FileKey {
+    if fs_type == Some(OVERLAYFS_MAGIC) {
+        let stamp = (m.mtime() as u64).wrapping_mul(1_000_000_007) ^ m.mtime_nsec() as u64;
+        FileKey {
+            dev: OVERLAY_DEV ^ stamp.rotate_left(20) ^ m.size(),
+            ino: m.ino(),
+        }
+    } else {
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// Marks overlay keys apart from real device numbers (which fit in 32 bits).
+const OVERLAY_DEV: u64 = 0x8000_0000_0000_0000;
+
+fn fs_type_of_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<i64> {
+    use std::os::fd::AsRawFd;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a properly sized out-parameter.
+    (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
 /// The file's key, via stat (which follows /proc magic links).
 pub fn file_key(path: &Path) -> Result<FileKey, Failure> {
     let m = std::fs::metadata(path).map_err(io_failure)?;
-    Ok(FileKey {
-        dev: m.dev(),
-        ino: m.ino(),
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| Failure::Io("path holds a NUL byte".into()))?;
+    // SAFETY: a NUL-terminated path and a properly sized out-parameter.
+    let fs_type = (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64);
+    Ok(key_of(&m, fs_type))
+}
+
+/// A binary opened once: it is classified and analysed from this descriptor and its uprobes
+/// attach through it, so a process exec'ing meanwhile cannot swap the file between the
+/// analysis and the attach. Opened through `/proc/<pid>/map_files` where possible, which
+/// yields the file actually mapped: on overlayfs the real (lower or upper) file, which is also
+/// what the kernel attaches uprobes to, so replicas of one image share one attachment.
+pub struct Opened {
+    pub file: File,
+    pub key: FileKey,
+    /// For logs: what the process calls the file.
+    pub shown: String,
+}
+
+impl Opened {
+    pub fn open(path: &Path, shown: String) -> Result<Opened, Failure> {
+        use std::os::fd::AsFd;
+        let file = File::open(path).map_err(io_failure)?;
+        let m = file.metadata().map_err(io_failure)?;
+        let key = key_of(&m, fs_type_of_fd(file.as_fd()));
+        Ok(Opened { file, key, shown })
+    }
+
+    /// The path the kernel resolves back to this very file.
+    pub fn attach_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// (address range, path) of each file mapping in a /proc/<pid>/maps body.
+fn mappings(maps: &str) -> impl Iterator<Item = (&str, &str, &str)> {
+    maps.lines().filter_map(|line| {
+        // start-end perms offset dev inode path (the path may hold spaces)
+        let mut f = line.splitn(6, ' ');
+        let range = f.next()?;
+        let (_, _, _) = (f.next()?, f.next()?, f.next()?);
+        let inode = f.next()?;
+        let path = f.next()?.trim_start();
+        (inode != "0" && path.starts_with('/')).then_some((range, inode, path))
     })
+}
+
+/// Opens `pid`'s executable: the mapping of it (see [`Opened`]) or else /proc/<pid>/exe
+/// (map_files needs CAP_SYS_ADMIN).
+pub fn open_exe(proc_root: &Path, pid: u32) -> Result<Opened, Failure> {
+    let dir = proc_root.join(pid.to_string());
+    let exe = dir.join("exe");
+    let target = std::fs::read_link(&exe).map_err(io_failure)?;
+    let shown = format!("{} -> {}", exe.display(), target.display());
+    if let Ok(maps) = std::fs::read_to_string(dir.join("maps")) {
+        let target = target.to_string_lossy();
+        if let Some((range, _, _)) = mappings(&maps).find(|(_, _, p)| *p == target) {
+            if let Ok(o) = Opened::open(&dir.join("map_files").join(range), shown.clone()) {
+                return Ok(o);
+            }
+        }
+    }
+    Opened::open(&exe, shown)
 }
 
 pub fn io_failure(e: std::io::Error) -> Failure {
@@ -159,22 +252,27 @@ const NODE_LIB: &str = "libnode.so";
 const V8_COLLECT_GARBAGE: &str = "_ZN2v88internal4Heap14CollectGarbageE";
 
 /// Classifies an executable from its headers, reading only the parts it needs.
+#[cfg(test)]
 pub fn classify_exe(path: &Path) -> Result<ExeClass, Failure> {
     let file = File::open(path).map_err(io_failure)?;
-    let cache = ReadCache::new(file);
+    classify(&file, &path_name(path))
+}
+
+/// Classifies an open executable named `file_name` (CPython is known by its name).
+pub fn classify(file: &File, file_name: &str) -> Result<ExeClass, Failure> {
+    let cache = ReadCache::new(file.try_clone().map_err(io_failure)?);
     let elf = match ElfFile64::<object::Endianness, _>::parse(&cache) {
         Ok(e) => e,
         Err(e) => {
             let mut head = [0u8; 5];
-            let mut f = File::open(path).map_err(io_failure)?;
-            let n = std::io::Read::read(&mut f, &mut head).map_err(io_failure)?;
+            let n = std::os::unix::fs::FileExt::read_at(file, &mut head, 0).map_err(io_failure)?;
             // Scripts and 32-bit binaries are not runtimes we probe; a damaged ELF64 is
             // worth a report.
             if n < 5 || &head[..4] != b"\x7fELF" || head[4] != 2 {
                 return Ok(ExeClass::NotRuntime);
             }
             // Only damaged executables get here: reading their headers whole is fine.
-            let data = read_binary(path)?;
+            let data = read_binary(file)?;
             return Err(broken_elf(&data, data.len() as u64, &e.to_string()));
         }
     };
@@ -182,7 +280,6 @@ pub fn classify_exe(path: &Path) -> Result<ExeClass, Failure> {
     if has(".go.buildinfo") || has(".gopclntab") || has(".data.rel.ro.gopclntab") {
         return Ok(ExeClass::Runtime(Runtime::Go));
     }
-    let file_name = path_name(path);
     if has(".note.stapsdt") && file_name.starts_with("python") {
         return Ok(ExeClass::Runtime(Runtime::Python));
     }
@@ -207,7 +304,7 @@ pub fn classify_exe(path: &Path) -> Result<ExeClass, Failure> {
 }
 
 /// The name the process was started as (for /proc/<pid>/exe, the link's target).
-fn path_name(path: &Path) -> String {
+pub fn path_name(path: &Path) -> String {
     let target = std::fs::read_link(path).unwrap_or_else(|_| path.to_path_buf());
     target
         .file_name()
@@ -219,13 +316,14 @@ fn memfind(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The runtime library `runtime` needs, as mapped in /proc/<pid>/maps: the path to open it
-/// through (inside the process's mount namespace) and its key.
+/// The runtime library `runtime` needs, as mapped in /proc/<pid>/maps, opened (see
+/// [`Opened`]): through `map_files`, else through the process's root (its mount namespace)
+/// if the file there is the one mapped.
 pub fn find_library(
     proc_root: &Path,
     pid: u32,
     runtime: Runtime,
-) -> Result<Option<(PathBuf, FileKey)>, Failure> {
+) -> Result<Option<Opened>, Failure> {
     let dir = proc_root.join(pid.to_string());
     let maps = std::fs::read_to_string(dir.join("maps")).map_err(io_failure)?;
     let wanted = |name: &str| match runtime {
@@ -234,27 +332,19 @@ pub fn find_library(
         Runtime::Node => name.starts_with("libnode.so"),
         Runtime::Go => false,
     };
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_), Some(_), Some(_), Some(inode), Some(path)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
+    for (range, inode, path) in mappings(&maps) {
         let name = path.rsplit('/').next().unwrap_or(path);
-        if !wanted(name) || inode == "0" {
+        if !wanted(name) {
             continue;
         }
-        // The same path inside the process's mount namespace; map_files works even when
-        // the file was deleted or replaced since.
+        let shown = format!("{} in pid {pid}", path);
+        if let Ok(o) = Opened::open(&dir.join("map_files").join(range), shown.clone()) {
+            return Ok(Some(o));
+        }
         let rooted = dir.join("root").join(path.trim_start_matches('/'));
-        let by_mapping = dir.join("map_files").join(range);
-        for candidate in [rooted, by_mapping] {
-            if let Ok(key) = file_key(&candidate) {
-                if key.ino.to_string() == inode {
-                    return Ok(Some((candidate, key)));
-                }
+        if let Ok(o) = Opened::open(&rooted, shown) {
+            if o.key.ino.to_string() == inode {
+                return Ok(Some(o));
             }
         }
     }
@@ -291,12 +381,21 @@ fn broken_elf(data: &[u8], len: u64, err: &str) -> Failure {
     }
 }
 
-fn read_binary(path: &Path) -> Result<Vec<u8>, Failure> {
-    let len = std::fs::metadata(path).map_err(io_failure)?.len();
+fn read_binary(file: &File) -> Result<Vec<u8>, Failure> {
+    let len = file.metadata().map_err(io_failure)?.len();
     if len > MAX_BINARY_BYTES {
         return Err(Failure::TooLarge);
     }
-    std::fs::read(path).map_err(io_failure)
+    // Positioned reads: the descriptor's offset is shared with its clones.
+    let mut data = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut data, 0).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Failure::Truncated
+        } else {
+            io_failure(e)
+        }
+    })?;
+    Ok(data)
 }
 
 fn parse(data: &[u8]) -> Result<ElfFile64<'_>, Failure> {
@@ -309,9 +408,9 @@ fn parse(data: &[u8]) -> Result<ElfFile64<'_>, Failure> {
     })
 }
 
-/// Reads `path` and works out the probes for `runtime` in it.
-pub fn analyse(path: &Path, key: FileKey, runtime: Runtime) -> Result<Target, Failure> {
-    let data = read_binary(path)?;
+/// Reads the open file and works out the probes for `runtime` in it.
+pub fn analyse(file: &File, key: FileKey, runtime: Runtime) -> Result<Target, Failure> {
+    let data = read_binary(file)?;
     let elf = parse(&data)?;
     let (detail, probes) = match runtime {
         Runtime::Go => go::plan(&elf)?,
@@ -451,7 +550,11 @@ mod tests {
         let truncated = dir.join("truncated");
         std::fs::write(&truncated, b"\x7fELF\x02\x01\x01").unwrap();
         assert!(matches!(
-            analyse(&truncated, FileKey { dev: 0, ino: 0 }, Runtime::Go),
+            analyse(
+                &File::open(&truncated).unwrap(),
+                FileKey { dev: 0, ino: 0 },
+                Runtime::Go
+            ),
             Err(Failure::Truncated)
         ));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -464,8 +567,41 @@ mod tests {
         // A Rust ELF analysed as Go fails with a reason, not a panic.
         let key = file_key(&me).unwrap();
         assert_eq!(
-            analyse(&me, key, Runtime::Go).unwrap_err().reason(),
+            analyse(&File::open(&me).unwrap(), key, Runtime::Go)
+                .unwrap_err()
+                .reason(),
             "unsupported_version"
+        );
+    }
+}
+
+#[cfg(test)]
+mod maps_tests {
+    use super::*;
+
+    #[test]
+    fn mappings_keep_paths_with_spaces_and_skip_anonymous_ones() {
+        let maps = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fd:01 1234                       /usr/bin/my app (deleted)
+7f0000000000-7f0000001000 rw-p 00000000 00:00 0 
+7ffd0000000-7ffd0001000 rw-p 00000000 00:00 0                          [stack]
+7f1000000000-7f1000100000 r-xp 00010000 08:02 99 /usr/lib/jvm/lib/server/libjvm.so
+";
+        let m: Vec<_> = mappings(maps).collect();
+        assert_eq!(
+            m,
+            vec![
+                (
+                    "55d0c0a00000-55d0c0a02000",
+                    "1234",
+                    "/usr/bin/my app (deleted)"
+                ),
+                (
+                    "7f1000000000-7f1000100000",
+                    "99",
+                    "/usr/lib/jvm/lib/server/libjvm.so"
+                ),
+            ]
         );
     }
 }

@@ -106,12 +106,9 @@ pub struct GcStats {
     pub pause: [Hist; NUM_CAUSES],
     /// Time to stop the world (Go ≥1.22's stopping phase, JVM's time to reach the safepoint).
     pub stop: Hist,
-    /// Pause ends with no matching begin (the agent attached mid-pause, or the begin's state
-    /// could not be stored).
-    pub unmatched: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<GcStats>() == 16 + (NUM_CAUSES + 1) * 29 * 8);
+const _: () = assert!(core::mem::size_of::<GcStats>() == 8 + (NUM_CAUSES + 1) * 29 * 8);
 
 impl GcStats {
     pub const ZERO: GcStats = GcStats {
@@ -119,7 +116,6 @@ impl GcStats {
         _pad: 0,
         pause: [Hist::ZERO; NUM_CAUSES],
         stop: Hist::ZERO,
-        unmatched: 0,
     };
 
     /// Sums `other` into `self`; the runtime is kept from whichever has one.
@@ -131,7 +127,6 @@ impl GcStats {
             a.add(b);
         }
         self.stop.add(&other.stop);
-        self.unmatched += other.unmatched;
     }
 
     /// `self - base`, or `None` if anything went backwards.
@@ -139,7 +134,6 @@ impl GcStats {
         let mut out = GcStats {
             runtime: self.runtime,
             stop: self.stop.checked_sub(&base.stop)?,
-            unmatched: self.unmatched.checked_sub(base.unmatched)?,
             ..GcStats::ZERO
         };
         for i in 0..NUM_CAUSES {

@@ -54,14 +54,17 @@ pub enum Counter {
     /// Socket states created / deleted; the difference is the socket map's size.
     SockInserted = 15,
     SockDeleted = 16,
-    /// A runtime pause's begin could not be stored (its in-flight map was full).
+    /// A runtime pause's begin could not be stored in the in-flight map.
     GcInflightFailed = 17,
     /// A pause in a process the agent has not registered (discovery still running, or its
     /// entry could not be added): not attributed.
     GcUntracked = 18,
+    /// A pause end without its begin: the agent attached mid-pause, or the begin's state was
+    /// evicted from the (LRU) in-flight map.
+    GcUnmatched = 19,
 }
 
-pub const NUM_COUNTERS: u32 = 19;
+pub const NUM_COUNTERS: u32 = 20;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
@@ -84,6 +87,7 @@ impl Counter {
         Counter::SockDeleted,
         Counter::GcInflightFailed,
         Counter::GcUntracked,
+        Counter::GcUnmatched,
     ];
 }
 

@@ -20,7 +20,7 @@ use stallwatch_common::{
     Counter,
 };
 
-use crate::shared::{atomic_add, count, observe_atomic};
+use crate::shared::{count, observe_atomic};
 
 /// Sized by the agent (`--max-processes`); allocated per entry, as only runtime processes
 /// have one.
@@ -95,7 +95,7 @@ fn end(tgid: u32, key: u64, end_ns: u64, cause_of: impl Fn(u64) -> Cause) {
     // SAFETY: map values stay valid for the program's run.
     let s = unsafe { &mut *s };
     let Some(f) = (unsafe { SW_GC_INFLIGHT.get(&key) }).copied() else {
-        atomic_add(&mut s.unmatched, 1);
+        count(Counter::GcUnmatched);
         return;
     };
     let _ = SW_GC_INFLIGHT.remove(&key);
@@ -105,7 +105,7 @@ fn end(tgid: u32, key: u64, end_ns: u64, cause_of: impl Fn(u64) -> Cause) {
         end_ns
     };
     if end_ns < f.start_ns {
-        atomic_add(&mut s.unmatched, 1);
+        count(Counter::GcUnmatched);
         return;
     }
     let cause = cause_of(f.reason) as usize;
@@ -269,6 +269,9 @@ pub fn sw_jvm_end(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// A per-thread collection that has not ended after this long never will.
+const STALE_NS: u64 = 60_000_000_000;
+
 fn gc_cause(_reason: u64) -> Cause {
     Cause::Gc
 }
@@ -281,12 +284,18 @@ pub fn sw_rt_begin(_ctx: ProbeContext) -> u32 {
     if SW_PROC_GC.get_ptr(&((pid_tgid >> 32) as u32)).is_none() {
         return 0;
     }
+    let t = now();
     if let Some(f) = SW_GC_INFLIGHT.get_ptr_mut(&pid_tgid) {
         // SAFETY: map value, valid for this run; only this thread uses its key.
-        unsafe { (*f).depth += 1 };
-        return 0;
+        let f = unsafe { &mut *f };
+        // A begin older than any collection is stale (its end was missed: the thread died
+        // mid-collection and its id was reused): start afresh rather than nest under it.
+        if t.saturating_sub(f.start_ns) < STALE_NS {
+            f.depth += 1;
+            return 0;
+        }
     }
-    begin(pid_tgid, now(), 0, 0);
+    begin(pid_tgid, t, 0, 0);
     0
 }
 
