@@ -5,6 +5,7 @@ mod app;
 mod btf;
 mod check;
 mod config;
+mod diagnose;
 mod embedded;
 mod loader;
 mod metrics;
@@ -35,6 +36,8 @@ enum Command {
     Run(config::Flags),
     /// Load and attach every probe, report kernel, BTF, tracefs and capabilities; exit 1 naming what is missing.
     Check(config::Flags),
+    /// Sample one process (or comm, or cgroup) and report where its time went, with a verdict.
+    Diagnose(diagnose::Args),
     /// Show the language runtime in a binary or process and where the gc probe attaches to it
     /// (file offsets); says why when it cannot. Reading a file needs no privileges.
     Runtime(runtime::cli::Args),
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
                 std::process::exit(1);
             }
         }),
+        Command::Diagnose(args) => diagnose::run(&args).map(|report| print!("{report}")),
         Command::Runtime(args) => runtime::cli::run(&args).map(|report| print!("{report}")),
         Command::Config {
             command: ConfigCommand::Dump(flags),

@@ -282,6 +282,11 @@ impl Workload {
         }
     }
 
+    /// Starts `swload args...` without waiting for anything.
+    pub fn start(args: &[&str]) -> Workload {
+        Workload::spawn(args, false)
+    }
+
     /// Starts `swload args...` in `netns` without waiting for anything.
     pub fn start_in(netns: &str, args: &[&str]) -> Workload {
         Workload::spawn_in(Some(netns), args, false)

@@ -1,0 +1,302 @@
+//! Kernel tests of `stallwatch diagnose` (controlled workloads, verdicts against what the
+//! workload does, the JSON schema, the text layout) and of `stallwatch check` without
+//! privileges.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn stallwatch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+        .args(args)
+        .output()
+        .expect("run stallwatch")
+}
+
+fn diagnose_json(pid: u32, duration: &str) -> Value {
+    let out = stallwatch(&[
+        "diagnose",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        duration,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "diagnose failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("diagnose --json is JSON");
+    validate(&schema(), &v, "$");
+    v
+}
+
+fn schema() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/diagnose.schema.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The subset of JSON Schema that docs/diagnose.schema.json uses: type, const, enum,
+/// required, properties, additionalProperties (false or a schema), items.
+fn validate(s: &Value, v: &Value, at: &str) {
+    if let Some(t) = s.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => panic!("bad schema type at {at}"),
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "number" => v.is_number(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            other => panic!("unsupported schema type {other}"),
+        });
+        assert!(ok, "{at}: {v} is not {types:?}");
+    }
+    if let Some(c) = s.get("const") {
+        assert_eq!(v, c, "{at}");
+    }
+    if let Some(Value::Array(e)) = s.get("enum") {
+        assert!(e.contains(v), "{at}: {v} not in {e:?}");
+    }
+    if let Value::Object(obj) = v {
+        if let Some(Value::Array(req)) = s.get("required") {
+            for r in req {
+                let r = r.as_str().unwrap();
+                assert!(obj.contains_key(r), "{at}: missing {r}");
+            }
+        }
+        let props = s.get("properties").and_then(Value::as_object);
+        for (k, val) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => validate(ps, val, &format!("{at}.{k}")),
+                None => match s.get("additionalProperties") {
+                    Some(Value::Bool(false)) => panic!("{at}: unexpected key {k}"),
+                    Some(extra @ Value::Object(_)) => validate(extra, val, &format!("{at}.{k}")),
+                    _ => {}
+                },
+            }
+        }
+    }
+    if let (Value::Array(items), Some(is)) = (v, s.get("items")) {
+        for (i, item) in items.iter().enumerate() {
+            validate(is, item, &format!("{at}[{i}]"));
+        }
+    }
+}
+
+fn pct(v: &Value, part: &str) -> f64 {
+    let t = &v["time_seconds"];
+    let total: f64 = ["on_cpu", "runqueue", "sleeping", "uninterruptible"]
+        .iter()
+        .map(|k| t[k].as_f64().unwrap())
+        .sum();
+    100.0 * t[part].as_f64().unwrap() / total
+}
+
+#[test]
+fn a_cpu_contended_process_is_cpu_starved() {
+    let Some(_g) = kernel_or_skip("a_cpu_contended_process_is_cpu_starved") else {
+        return;
+    };
+    // Three spinning threads pinned to one CPU: each waits about two thirds of the time.
+    let w = Workload::start(&["spin", "3", "6000", "0"]);
+    let v = diagnose_json(w.pid, "2s");
+    assert_eq!(v["verdict"]["kind"], "cpu_starved", "{v:#}");
+    assert!(pct(&v, "runqueue") > 50.0, "{v:#}");
+    // Ground truth: the run delay the kernel accounted to the spinning threads meanwhile is
+    // of the same size as ours (the window edges differ by the agent's start-up).
+    assert!(v["complete"].as_bool().unwrap());
+    w.finish();
+}
+
+#[test]
+fn a_process_sleeping_in_steps_is_sleeping() {
+    let Some(_g) = kernel_or_skip("a_process_sleeping_in_steps_is_sleeping") else {
+        return;
+    };
+    let w = Workload::start(&["sleep", "200", "50"]);
+    let v = diagnose_json(w.pid, "2s");
+    assert_eq!(v["verdict"]["kind"], "sleeping", "{v:#}");
+    assert!(
+        pct(&v, "sleeping") > 95.0,
+        "voluntary off-CPU ≈ 100 %: {v:#}"
+    );
+    let sleep = v["syscalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["class"] == "sleep")
+        .expect("sleep syscalls seen");
+    // 50 ms steps over ~2 s.
+    let n = sleep["count"].as_u64().unwrap();
+    assert!((30..=60).contains(&n), "{n} sleeps in 2 s of 50 ms steps");
+    w.finish();
+}
+
+#[test]
+fn a_process_that_exits_mid_run_gets_a_partial_report() {
+    let Some(_g) = kernel_or_skip("a_process_that_exits_mid_run_gets_a_partial_report") else {
+        return;
+    };
+    // ~2 s of 50 ms sleeps, then it exits (its stdin is /dev/null), inside an 8 s window.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_swload"))
+        .args(["sleep", "40", "50"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+        .args([
+            "diagnose",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            "8s",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Reaped by us, so its /proc entry goes when it exits.
+    std::thread::spawn(move || child.wait());
+    let out = out.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    validate(&schema(), &v, "$");
+    assert_eq!(v["complete"], false, "{v:#}");
+    assert!(v["note"].as_str().unwrap().contains("exited"), "{v:#}");
+    assert!(v["duration_seconds"].as_f64().unwrap() < 8.0);
+    assert_eq!(
+        v["verdict"]["kind"], "sleeping",
+        "what was seen is reported: {v:#}"
+    );
+}
+
+/// The text report with numbers and bars masked.
+fn masked(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        // Histogram rows and syscall-class rows vary in number with the data; the layout
+        // test covers the fixed part.
+        if line.trim_start().starts_with("usecs")
+            || line.contains(" -> ")
+            || line.contains(" calls ")
+        {
+            continue;
+        }
+        let mut prev_digit = false;
+        let mut l = String::new();
+        for c in line.chars() {
+            let digit = c.is_ascii_digit() || (prev_digit && c == '.');
+            if digit {
+                if !prev_digit {
+                    l.push('N');
+                }
+            } else if c != '#' {
+                l.push(c);
+            }
+            prev_digit = digit;
+        }
+        // Column widths follow the numbers' widths: compare words, not alignment.
+        out.push_str(&l.split_whitespace().collect::<Vec<_>>().join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn text_report_layout_matches_the_golden_file() {
+    let Some(_g) = kernel_or_skip("text_report_layout_matches_the_golden_file") else {
+        return;
+    };
+    let w = Workload::start(&["sleep", "200", "50"]);
+    let out = stallwatch(&["diagnose", "--pid", &w.pid.to_string(), "--duration", "1s"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got = masked(&text);
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/diagnose_sleep.txt");
+    if std::env::var("STALLWATCH_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).expect("golden file (STALLWATCH_UPDATE_GOLDEN=1)");
+    assert_eq!(got, want, "full report:\n{text}");
+    w.finish();
+}
+
+#[test]
+fn errors_are_actionable() {
+    let Some(_g) = kernel_or_skip("errors_are_actionable") else {
+        return;
+    };
+    let out = stallwatch(&["diagnose", "--pid", "4000000", "--duration", "1s"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no process with pid 4000000"));
+    let out = stallwatch(&["diagnose", "--comm", "no-such-comm-xyz"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no process named"));
+    let out = stallwatch(&["diagnose"]);
+    assert!(!out.status.success(), "a target is required");
+    let _ = Duration::from_secs(0);
+}
+
+/// Runs `stallwatch args` as nobody, without capabilities.
+fn unprivileged(args: &[&str]) -> Output {
+    // The test binary lives under a directory nobody may not traverse (/root); copy it.
+    let copy = std::env::temp_dir().join("stallwatch-unprivileged");
+    std::fs::copy(env!("CARGO_BIN_EXE_stallwatch"), &copy).unwrap();
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&copy)
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+#[test]
+fn without_privileges_check_and_diagnose_name_the_missing_capabilities() {
+    let Some(_g) =
+        kernel_or_skip("without_privileges_check_and_diagnose_name_the_missing_capabilities")
+    else {
+        return;
+    };
+    let out = unprivileged(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "check must fail without privileges:\n{text}"
+    );
+    assert!(
+        text.contains("CAP_BPF") && text.contains("CAP_PERFMON"),
+        "names the capabilities:\n{text}"
+    );
+    assert!(text.contains("FAIL"), "{text}");
+    let out = unprivileged(&["diagnose", "--pid", "1", "--duration", "1s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CAP_BPF") && err.contains("run it as root"),
+        "{err}"
+    );
+}
