@@ -120,7 +120,10 @@ pub fn run(mut config: Config) -> bool {
         &if missing.is_empty() {
             format!("CapEff={caps:#x} has CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN)")
         } else {
-            format!("missing {}", missing.join(", "))
+            format!(
+                "missing {}: run as root, or grant them (e.g. `setcap cap_bpf,cap_perfmon+ep stallwatch`; in Kubernetes, the DaemonSet's securityContext.capabilities)",
+                missing.join(", ")
+            )
         },
     );
     let (tracefs_ok, detail) = tracefs_status();

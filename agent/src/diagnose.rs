@@ -52,7 +52,7 @@ pub struct Hist {
 }
 
 impl Hist {
-    fn from_proto(h: &prometheus::proto::Histogram) -> Hist {
+    pub fn from_proto(h: &prometheus::proto::Histogram) -> Hist {
         let mut le = Vec::new();
         let mut counts = Vec::new();
         let mut prev = 0u64;
@@ -69,7 +69,7 @@ impl Hist {
         }
     }
 
-    fn add(&mut self, o: &Hist) {
+    pub fn add(&mut self, o: &Hist) {
         if self.counts.is_empty() {
             *self = o.clone();
             return;
@@ -80,7 +80,7 @@ impl Hist {
         self.sum_seconds += o.sum_seconds;
     }
 
-    fn minus(&self, o: Option<&Hist>) -> Hist {
+    pub fn minus(&self, o: Option<&Hist>) -> Hist {
         let Some(o) = o else { return self.clone() };
         Hist {
             le: self.le.clone(),
@@ -520,6 +520,9 @@ fn on_cpu_ns(pid: u32) -> Option<u64> {
 
 /// Runs the diagnosis; returns the text or JSON to print.
 pub fn run(args: &Args) -> anyhow::Result<String> {
+    // The report is the output: the agent's informational log lines (slow syscalls,
+    // discovery) are noise here.
+    log::set_max_level(log::LevelFilter::Warn);
     let missing = crate::check::missing_caps(crate::check::effective_caps());
     if !missing.is_empty() {
         bail!(

@@ -13,6 +13,7 @@ mod probes;
 mod procfs;
 mod runtime;
 mod server;
+mod top;
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ enum Command {
     Run(config::Flags),
     /// Load and attach every probe, report kernel, BTF, tracefs and capabilities; exit 1 naming what is missing.
     Check(config::Flags),
+    /// Processes ranked by a stall signal, live (or one plain table with --once).
+    Top(top::Args),
     /// Sample one process (or comm, or cgroup) and report where its time went, with a verdict.
     Diagnose(diagnose::Args),
     /// Show the language runtime in a binary or process and where the gc probe attaches to it
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
                 std::process::exit(1);
             }
         }),
+        Command::Top(args) => top::run(&args),
         Command::Diagnose(args) => diagnose::run(&args).map(|report| print!("{report}")),
         Command::Runtime(args) => runtime::cli::run(&args).map(|report| print!("{report}")),
         Command::Config {

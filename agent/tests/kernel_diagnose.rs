@@ -1,6 +1,7 @@
-//! Kernel tests of `stallwatch diagnose` (controlled workloads, verdicts against what the
-//! workload does, the JSON schema, the text layout) and of `stallwatch check` without
-//! privileges.
+//! Kernel tests of the host diagnosis commands: `stallwatch diagnose` (controlled workloads,
+//! verdicts against what the workload does, the JSON schema, the text layout), `stallwatch
+//! top` (driven in a real terminal through tmux, and as a plain table) and `stallwatch check`
+//! without privileges.
 
 mod common;
 
@@ -299,4 +300,143 @@ fn without_privileges_check_and_diagnose_name_the_missing_capabilities() {
         err.contains("CAP_BPF") && err.contains("run it as root"),
         "{err}"
     );
+}
+
+/// A detached tmux session (80×24) running `cmd`; killed on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(cmd: &str) -> Tmux {
+        let name = format!("sw-top-{}", std::process::id());
+        let status = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "80",
+                "-y",
+                "24",
+                cmd,
+            ])
+            .status()
+            .expect("tmux (cargo xtask setup installs it)");
+        assert!(status.success());
+        Tmux(name)
+    }
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            let status = Command::new("tmux")
+                .args(["send-keys", "-t", &self.0, k])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+    fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+/// Data rows of the top screen: (pid, comm).
+fn top_rows(screen: &str) -> Vec<(u32, String)> {
+    screen
+        .lines()
+        .skip_while(|l| !l.starts_with("PID"))
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn top_in_a_terminal_ranks_the_starved_process_first_and_obeys_its_keys() {
+    let Some(_g) =
+        kernel_or_skip("top_in_a_terminal_ranks_the_starved_process_first_and_obeys_its_keys")
+    else {
+        return;
+    };
+    let w = Workload::start(&["spin", "3", "40000", "0"]);
+    let t = Tmux::start(&format!(
+        "{} top --interval 1s --sort runq",
+        env!("CARGO_BIN_EXE_stallwatch")
+    ));
+    let first = || top_rows(&t.screen()).first().map(|r| r.0);
+    assert!(
+        wait_until(Duration::from_secs(30), || first() == Some(w.pid)),
+        "the contended workload {} never ranked first:\n{}",
+        w.pid,
+        t.screen()
+    );
+    let screen = t.screen();
+    assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    assert!(screen.contains("q quit"), "help line on screen:\n{screen}");
+    // Filter by comm.
+    t.keys(&["/", "-l", "swload", "Enter"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = t.screen();
+            let rows = top_rows(&s);
+            s.contains("filter:swload") && !rows.is_empty() && rows.iter().all(|r| r.1 == "swload")
+        }),
+        "filter did not apply:\n{}",
+        t.screen()
+    );
+    // Sort keys.
+    t.keys(&["2"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || t.screen().contains("sort:wait")),
+        "{}",
+        t.screen()
+    );
+    t.keys(&["q"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || !t.alive()),
+        "q did not quit:\n{}",
+        t.screen()
+    );
+    drop(w);
+}
+
+#[test]
+fn top_once_prints_a_plain_table_for_pipes() {
+    let Some(_g) = kernel_or_skip("top_once_prints_a_plain_table_for_pipes") else {
+        return;
+    };
+    let w = Workload::start(&["spin", "3", "20000", "0"]);
+    let out = stallwatch(&["top", "--once", "--interval", "2s", "--sort", "wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows = top_rows(&text);
+    assert_eq!(rows.first().map(|r| r.0), Some(w.pid), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains("sorted by wait"),
+        "{text}"
+    );
+    drop(w);
 }

