@@ -256,6 +256,16 @@ pub struct SyscallClass {
 }
 
 #[derive(Debug, Serialize)]
+pub struct SlowSyscall {
+    pub syscall: String,
+    pub class: String,
+    pub count: u64,
+    /// Upper bound of the bucket of the slowest call (None: beyond the last finite bucket).
+    pub max_le_seconds: Option<f64>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Pause {
     pub runtime: String,
     pub cause: String,
@@ -283,6 +293,8 @@ pub struct Report {
     pub time_seconds: TimeSplit,
     pub context_switches: f64,
     pub syscalls: Vec<SyscallClass>,
+    /// Syscalls by name, slowest single call first (at most 10).
+    pub slowest_syscalls: Vec<SlowSyscall>,
     pub syscall_errors: u64,
     pub tcp_connects: u64,
     pub tcp_failed_connects: u64,
@@ -350,6 +362,31 @@ fn build(
         .filter(|s| s.count > 0)
         .collect();
     syscalls.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    let mut slowest: Vec<SlowSyscall> = Vec::new();
+    for name in d.label_values(SYSCALL, "syscall") {
+        let h = d.hist(SYSCALL, &[("syscall", &name)]);
+        let Some(last) = h.counts.iter().rposition(|c| *c > 0) else {
+            continue;
+        };
+        let class = d
+            .hists
+            .iter()
+            .find(|((f, l), _)| f == SYSCALL && matches(l, &[("syscall", &name)]))
+            .and_then(|((_, l), _)| l.iter().find(|(k, _)| k == "class").map(|(_, v)| v.clone()))
+            .unwrap_or_default();
+        slowest.push(SlowSyscall {
+            syscall: name,
+            class,
+            count: h.count(),
+            max_le_seconds: h.le.get(last).copied(),
+            seconds: h.sum_seconds,
+        });
+    }
+    slowest.sort_by(|a, b| {
+        let k = |s: &SlowSyscall| s.max_le_seconds.unwrap_or(f64::INFINITY);
+        k(b).total_cmp(&k(a)).then(b.seconds.total_cmp(&a.seconds))
+    });
+    slowest.truncate(10);
     let mut pauses = Vec::new();
     for runtime in d.label_values(PAUSE, "runtime") {
         for cause in d.label_values(PAUSE, "cause") {
@@ -402,6 +439,7 @@ fn build(
             )) as u64,
         time_seconds: time,
         syscalls,
+        slowest_syscalls: slowest,
         pauses,
         paused_percent_of_wall,
         histograms,
@@ -533,6 +571,8 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
     let mut config = Config {
         probes: vec!["sched".into(), "syscalls".into(), "tcp".into(), "gc".into()],
         per_pid: true,
+        // Scoped to the target, so per-syscall series are few: the slowest syscalls by name.
+        syscall_names: true,
         ..Config::default()
     };
     let (target, pids) = match (&args.pid, &args.comm, &args.cgroup) {
@@ -763,6 +803,21 @@ pub fn render(r: &Report) -> String {
                 s.count,
                 s.seconds,
                 s.p99_le_seconds
+                    .map(|v| format!("{:.0} us", v * 1e6))
+                    .unwrap_or_else(|| "inf".into())
+            );
+        }
+    }
+    if !r.slowest_syscalls.is_empty() {
+        let _ = writeln!(out, "\nslowest syscalls (slowest call's bucket):");
+        for s in r.slowest_syscalls.iter().take(5) {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<9} {:>8} calls  slowest <= {}",
+                s.syscall,
+                s.class,
+                s.count,
+                s.max_le_seconds
                     .map(|v| format!("{:.0} us", v * 1e6))
                     .unwrap_or_else(|| "inf".into())
             );

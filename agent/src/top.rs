@@ -115,7 +115,8 @@ impl Row {
             Sort::Offcpu => self.offcpu_s,
             Sort::Io => self.io_s,
             Sort::Syscall => p99(&self.syscalls).unwrap_or(0.0),
-            Sort::Tcp => p99(&self.connect).unwrap_or(0.0),
+            // Failed connects first, then the slowest.
+            Sort::Tcp => self.connect_failed * 1e6 + p99(&self.connect).unwrap_or(0.0),
             Sort::Pause => max_le(&self.pause).unwrap_or(0.0),
         }
     }
@@ -278,7 +279,12 @@ impl Filter {
 }
 
 fn active(r: &Row) -> bool {
-    r.runq.count() > 0 || r.offcpu_s > 0.0 || r.syscalls.count() > 0 || r.pause.count() > 0
+    r.runq.count() > 0
+        || r.offcpu_s > 0.0
+        || r.syscalls.count() > 0
+        || r.pause.count() > 0
+        || r.connect.count() > 0
+        || r.connect_failed > 0.0
 }
 
 fn sorted(mut rows: Vec<Row>, sort: Sort, filter: &Filter) -> Vec<Row> {
@@ -298,25 +304,27 @@ fn us(s: Option<f64>) -> String {
     }
 }
 
-const HEADER: [&str; 10] = [
-    "PID", "COMM", "RQ_P99", "WAIT%", "OFF%", "D%", "SYS_P99", "TOP_SYS", "CON_P99", "PAUSE",
+const HEADER: [&str; 11] = [
+    "PID", "COMM", "RQ_P99", "WAIT%", "OFF%", "D%", "SYS_P99", "TOP_SYS", "CON_P99", "CFAIL",
+    "PAUSE",
 ];
-/// Column widths: with single spaces between them, 78 columns.
-const WIDTHS: [u16; 10] = [7, 12, 7, 5, 5, 3, 8, 8, 7, 7];
+/// Column widths: with single spaces between them, 80 columns.
+const WIDTHS: [u16; 11] = [7, 10, 7, 5, 5, 3, 7, 7, 7, 5, 7];
 
 /// Cells of one row; percentages of the interval (can exceed 100 with several threads).
-fn cells(r: &Row, interval: f64) -> [String; 10] {
+fn cells(r: &Row, interval: f64) -> [String; 11] {
     let pct = |s: f64| format!("{:.0}", 100.0 * s / interval.max(1e-9));
     [
         r.pid.to_string(),
-        r.comm.chars().take(12).collect(),
+        r.comm.chars().take(10).collect(),
         us(p99(&r.runq)),
         pct(r.runq.sum_seconds),
         pct(r.offcpu_s),
         pct(r.io_s),
         us(p99(&r.syscalls)),
-        r.top_class.clone(),
+        r.top_class.chars().take(7).collect(),
         us(p99(&r.connect)),
+        format!("{:.0}", r.connect_failed),
         us(max_le(&r.pause)),
     ]
 }
