@@ -42,6 +42,10 @@ pub struct Config {
     /// At most one smoothed-RTT sample per TCP connection per this interval.
     #[serde(with = "humantime_serde_compat")]
     pub tcp_rtt_interval: Duration,
+    /// Runtime discovery only for these processes (empty: every process). Set by
+    /// `diagnose`, so sampling one process puts no uprobes into others' binaries.
+    #[serde(skip)]
+    pub gc_only_pids: Vec<u32>,
 }
 
 impl Default for Config {
@@ -62,6 +66,7 @@ impl Default for Config {
             syscall_cgroups: Vec::new(),
             syscall_max_entries: 65536,
             tcp_rtt_interval: Duration::from_secs(1),
+            gc_only_pids: Vec::new(),
         }
     }
 }
@@ -210,6 +215,7 @@ impl Flags {
                 .tcp_rtt_interval
                 .or(file.tcp_rtt_interval)
                 .unwrap_or(d.tcp_rtt_interval),
+            gc_only_pids: Vec::new(),
         };
         c.validate()?;
         Ok(c)

@@ -605,6 +605,8 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
         }
         _ => bail!("give --pid, --comm or --cgroup"),
     };
+    // Runtime discovery for the target only (for a cgroup: its processes at the start).
+    config.gc_only_pids = pids.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -328,6 +328,7 @@ impl Tmux {
     fn screen(&self) -> String {
         let out = Command::new("tmux")
             .args(["capture-pane", "-p", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -440,4 +441,66 @@ fn top_once_prints_a_plain_table_for_pipes() {
         "{text}"
     );
     drop(w);
+}
+
+#[test]
+fn diagnose_reports_a_go_programs_gc_pauses() {
+    let Some(_g) = kernel_or_skip("diagnose_reports_a_go_programs_gc_pauses") else {
+        return;
+    };
+    let Some(go) = go_toolchain("1.27.3") else {
+        return;
+    };
+    let dir = workspace_root().join("target/gc-tests/diagnose");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("gcpause");
+    go_build(&go, &[], HOST_GOARCH, &bin);
+    let mut child = Command::new(&bin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let diag = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+        .args([
+            "diagnose",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            "4s",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Forced GCs throughout the window (the first ones may land before the probes attach).
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        for _ in 0..40 {
+            writeln!(stdin, "gc").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let out = diag.wait_with_output().unwrap();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    validate(&schema(), &v, "$");
+    let gc = v["pauses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["runtime"] == "go" && p["cause"] == "gc")
+        .unwrap_or_else(|| panic!("no Go GC pauses in {v:#}"));
+    // ~40 cycles of two stop-the-world pauses each, most of them inside the window.
+    let n = gc["count"].as_u64().unwrap();
+    assert!(n >= 20, "{n} pauses: {v:#}");
+    assert!(v["paused_percent_of_wall"].as_f64().unwrap() > 0.0);
 }

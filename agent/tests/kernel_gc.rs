@@ -124,10 +124,7 @@ fn assert_promtool_accepts(body: &str) {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    workspace_root()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -135,27 +132,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A Go toolchain `cargo xtask setup` installs; missing ones fail under CI.
-fn go_toolchain(version: &str) -> Option<PathBuf> {
-    let go = if version == "debian" {
-        PathBuf::from("/usr/bin/go")
-    } else {
-        root().join(format!("target/toolchains/go{version}/go/bin/go"))
-    };
-    if go.exists() {
-        return Some(go);
-    }
-    let msg = format!(
-        "Go toolchain {} missing: run `cargo xtask setup`",
-        go.display()
-    );
-    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    None
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -166,27 +142,12 @@ enum Build {
 }
 
 fn go_build(go: &Path, build: Build, out: &Path) {
-    let mut cmd = Command::new(go);
-    cmd.arg("build").arg("-o").arg(out);
-    match build {
-        Build::Plain => {}
-        Build::Stripped => {
-            cmd.arg("-ldflags=-s -w");
-        }
-        Build::Pie => {
-            cmd.args(["-buildmode=pie", "-ldflags=-s -w"]);
-        }
-    }
-    let status = cmd
-        .arg(root().join("agent/tests/fixtures/gcpause.go"))
-        .env("GOCACHE", root().join("target/gocache"))
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "")
-        .env("GO111MODULE", "off")
-        .env("CGO_ENABLED", "0")
-        .status()
-        .expect("go build");
-    assert!(status.success(), "go build {build:?} with {}", go.display());
+    let flags: &[&str] = match build {
+        Build::Plain => &[],
+        Build::Stripped => &["-ldflags=-s -w"],
+        Build::Pie => &["-buildmode=pie", "-ldflags=-s -w"],
+    };
+    common::go_build(go, flags, HOST_GOARCH, out);
 }
 
 fn pid_labels(pid: u32, cause: &'static str) -> Vec<(&'static str, String)> {

