@@ -34,7 +34,7 @@ pub struct Args {
     /// How long to sample.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Print the report as JSON (schema in docs/diagnose.md).
+    /// Print the report as JSON (schema in docs/diagnose.schema.json).
     #[arg(long)]
     pub json: bool,
 }
@@ -315,7 +315,8 @@ const CONNECT: &str = "stallwatch_tcp_connect_latency_seconds";
 const CONNS: &str = "stallwatch_tcp_connections_total";
 const PAUSE: &str = "stallwatch_runtime_pause_seconds";
 
-/// Builds the report from the window's deltas and the on-CPU time read from /proc.
+/// Builds the report from the window's deltas and the target's threads as /proc saw them:
+/// (thread time, on-CPU, run-queue wait, polls in S, polls in D).
 fn build(
     target: String,
     pids: Vec<u32>,
@@ -323,29 +324,29 @@ fn build(
     complete: bool,
     note: Option<String>,
     d: &Snapshot,
-    on_cpu: f64,
+    proc: (f64, f64, f64, u32, u32),
 ) -> Report {
+    let (thread_time, on_cpu, run_delay, polls_s, polls_d) = proc;
     let runq = d.hist(RUNQ, &[]);
     let vol = d.value(OFFCPU, &[("reason", "voluntary")]);
     let unint = d.value(OFFCPU, &[("reason", "uninterruptible")]);
-    let invol = d.value(OFFCPU, &[("reason", "involuntary")]);
-    // A voluntary or D-state interval runs until the thread is back on a CPU, so it includes
-    // the run-queue wait after its wakeup; that wait is counted once, as run-queue time, and
-    // taken out of the two in proportion.
-    let wakeup_wait = (runq.sum_seconds - invol).max(0.0);
-    let blocked = vol + unint;
-    let share = |x: f64| {
-        if blocked > 0.0 {
-            (x - wakeup_wait * x / blocked).max(0.0)
-        } else {
-            0.0
-        }
+    // The kernel's accounting (schedstat) gives on-CPU and run-queue time, and what is left
+    // of each thread's time was blocked — including intervals that began before the probes
+    // attached. That blocked time is split between S and D by the probes' off-CPU intervals
+    // when they saw any, else by the thread states sampled each poll.
+    let blocked = (thread_time - on_cpu - run_delay).max(0.0);
+    let d_share = if vol + unint > 0.0 {
+        unint / (vol + unint)
+    } else if polls_s + polls_d > 0 {
+        f64::from(polls_d) / f64::from(polls_s + polls_d)
+    } else {
+        0.0
     };
     let time = TimeSplit {
         on_cpu,
-        runqueue: runq.sum_seconds,
-        sleeping: share(vol),
-        uninterruptible: share(unint),
+        runqueue: run_delay,
+        sleeping: blocked * (1.0 - d_share),
+        uninterruptible: blocked * d_share,
     };
     let mut syscalls: Vec<SyscallClass> = d
         .label_values(SYSCALL, "class")
@@ -407,8 +408,9 @@ fn build(
             }
         }
     }
+    // Pauses stop one process at a time: the share is of the target's processes' wall time.
     let paused: f64 = pauses.iter().map(|p| p.seconds).sum();
-    let wall = window.as_secs_f64().max(1e-9);
+    let wall = window.as_secs_f64().max(1e-9) * pids.len().max(1) as f64;
     let paused_percent_of_wall = 100.0 * paused / wall;
     let mut histograms = BTreeMap::new();
     histograms.insert("runqueue".to_string(), runq.clone());
@@ -421,6 +423,11 @@ fn build(
     histograms.insert("syscalls".to_string(), d.hist(SYSCALL, &[]));
     histograms.insert("tcp_connect".to_string(), d.hist(CONNECT, &[]));
     histograms.insert("runtime_pauses".to_string(), d.hist(PAUSE, &[]));
+    for h in histograms.values_mut() {
+        if h.counts.is_empty() {
+            h.counts.push(0);
+        }
+    }
     let verdict = verdict(&time, paused_percent_of_wall, &syscalls);
     Report {
         schema: SCHEMA_VERSION,
@@ -544,20 +551,98 @@ fn pids_in_cgroup(dir: &Path) -> Vec<u32> {
     out
 }
 
-/// On-CPU nanoseconds of every thread of `pid` (schedstat), or None if it has exited.
-fn on_cpu_ns(pid: u32) -> Option<u64> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut total = 0;
-    for t in dir.flatten() {
-        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-            total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+/// What /proc says of one thread over the window: the kernel's own accounting, which also
+/// covers intervals that began before the probes attached (a thread stuck in D for longer
+/// than the window never switches back in, so the probes never see that interval end).
+#[derive(Debug, Clone, Copy)]
+struct ThreadTrack {
+    first_seen: Instant,
+    last_seen: Instant,
+    /// schedstat at first sight and latest: (on-CPU ns, run-queue wait ns).
+    base: (u64, u64),
+    last: (u64, u64),
+    /// Polls that found it in S, and in D.
+    in_s: u32,
+    in_d: u32,
+}
+
+/// Per-thread (tid) tracks of the target, sampled every poll.
+#[derive(Default)]
+struct Threads(BTreeMap<(u32, u32), ThreadTrack>);
+
+impl Threads {
+    fn poll(&mut self, pids: &HashSet<u32>, now: Instant) {
+        for &pid in pids {
+            let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in dir.flatten() {
+                let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Some(sched) = std::fs::read_to_string(t.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| {
+                        let mut f = s.split_whitespace().map(|v| v.parse::<u64>().ok());
+                        Some((f.next()??, f.next()??))
+                    })
+                else {
+                    continue;
+                };
+                // State: the field after the parenthesised comm.
+                let state = std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, r)| r.trim_start().chars().next())
+                    });
+                let e = self.0.entry((pid, tid)).or_insert(ThreadTrack {
+                    first_seen: now,
+                    last_seen: now,
+                    base: sched,
+                    last: sched,
+                    in_s: 0,
+                    in_d: 0,
+                });
+                e.last_seen = now;
+                e.last = sched;
+                match state {
+                    Some('S') => e.in_s += 1,
+                    Some('D') => e.in_d += 1,
+                    _ => {}
+                }
+            }
         }
     }
-    Some(total)
+
+    /// (thread time, on-CPU, run-queue wait, polls in S, polls in D), seconds and counts.
+    fn totals(&self) -> (f64, f64, f64, u32, u32) {
+        let mut t = (0.0, 0.0, 0.0, 0, 0);
+        for tr in self.0.values() {
+            t.0 += tr.last_seen.duration_since(tr.first_seen).as_secs_f64();
+            t.1 += tr.last.0.saturating_sub(tr.base.0) as f64 / 1e9;
+            t.2 += tr.last.1.saturating_sub(tr.base.1) as f64 / 1e9;
+            t.3 += tr.in_s;
+            t.4 += tr.in_d;
+        }
+        t
+    }
+}
+
+/// The pid's thread group id, from /proc/<pid>/status (a thread id has another).
+fn tgid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Runs the diagnosis; returns the text or JSON to print.
 pub fn run(args: &Args) -> anyhow::Result<String> {
+    if args.duration < Duration::from_millis(100) {
+        bail!("--duration must be at least 100ms");
+    }
     // The report is the output: the agent's informational log lines (slow syscalls,
     // discovery) are noise here.
     log::set_max_level(log::LevelFilter::Warn);
@@ -577,8 +662,12 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
     };
     let (target, pids) = match (&args.pid, &args.comm, &args.cgroup) {
         (Some(pid), _, _) => {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                bail!("no process with pid {pid}");
+            match tgid_of(*pid) {
+                None => bail!("no process with pid {pid}"),
+                Some(tgid) if tgid != *pid => {
+                    bail!("{pid} is a thread of process {tgid}: use --pid {tgid}")
+                }
+                Some(_) => {}
             }
             config.syscall_pids = vec![*pid];
             (format!("pid {pid}"), vec![*pid])
@@ -601,12 +690,18 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
                 bail!("no cgroup v2 directory {}", dir.display());
             }
             config.syscall_cgroups = vec![cg.clone()];
-            (format!("cgroup {}", cg.display()), pids_in_cgroup(&dir))
+            let pids = pids_in_cgroup(&dir);
+            if pids.is_empty() {
+                bail!("no process in cgroup {}", dir.display());
+            }
+            (format!("cgroup {}", cg.display()), pids)
         }
         _ => bail!("give --pid, --comm or --cgroup"),
     };
     // Runtime discovery for the target only (for a cgroup: its processes at the start).
     config.gc_only_pids = pids.clone();
+    // Series of target processes that exit must outlive the window.
+    config.exit_grace = args.duration + Duration::from_secs(60);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -622,18 +717,10 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
     }
     let _tasks: Vec<_> = tasks.into_iter().map(|t| rt.spawn(t)).collect();
     let mut pid_set: HashSet<u32> = pids.iter().copied().collect();
-    let cpu = |set: &HashSet<u32>, last: &mut BTreeMap<u32, u64>| {
-        for pid in set {
-            if let Some(ns) = on_cpu_ns(*pid) {
-                last.insert(*pid, ns);
-            }
-        }
-    };
-    let mut cpu0 = BTreeMap::new();
-    cpu(&pid_set, &mut cpu0);
+    let mut threads = Threads::default();
     let start = Instant::now();
+    threads.poll(&pid_set, start);
     let s0 = snapshot(&app.gather(), &pid_set);
-    let mut cpu_last = cpu0.clone();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut complete = true;
     while start.elapsed() < args.duration {
@@ -646,16 +733,12 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
                 .root()
                 .map(Path::to_path_buf);
             if let Some(root) = root {
-                for p in pids_in_cgroup(&root.join(cg.strip_prefix("/").unwrap_or(cg))) {
-                    if pid_set.insert(p) {
-                        if let Some(ns) = on_cpu_ns(p) {
-                            cpu0.insert(p, ns);
-                        }
-                    }
-                }
+                pid_set.extend(pids_in_cgroup(
+                    &root.join(cg.strip_prefix("/").unwrap_or(cg)),
+                ));
             }
         }
-        cpu(&pid_set, &mut cpu_last);
+        threads.poll(&pid_set, Instant::now());
         if pid_set
             .iter()
             .all(|p| !Path::new(&format!("/proc/{p}")).exists())
@@ -675,14 +758,12 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
     if tty {
         eprintln!();
     }
-    let window = start.elapsed();
-    // Exit and switch-in events still in flight land before the last read.
+    // Exit and switch-in events still in flight land before the last read; the window
+    // (and /proc's view) extends to it.
     std::thread::sleep(Duration::from_millis(200));
+    threads.poll(&pid_set, Instant::now());
     let s1 = snapshot(&app.gather(), &pid_set);
-    let on_cpu: u64 = cpu_last
-        .iter()
-        .map(|(p, ns)| ns.saturating_sub(cpu0.get(p).copied().unwrap_or(*ns)))
-        .sum();
+    let window = start.elapsed();
     let note = (!complete).then(|| {
         format!(
             "every target process exited after {:.1} s: the report covers that part of the window",
@@ -698,7 +779,7 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
         complete,
         note,
         &delta(&s0, &s1),
-        on_cpu as f64 / 1e9,
+        threads.totals(),
     );
     drop(app);
     rt.shutdown_background();

@@ -68,8 +68,8 @@ fn main() -> std::process::ExitCode {
             }
         }),
         Command::Top(args) => top::run(&args),
-        Command::Diagnose(args) => diagnose::run(&args).map(|report| print!("{report}")),
-        Command::Runtime(args) => runtime::cli::run(&args).map(|report| print!("{report}")),
+        Command::Diagnose(args) => diagnose::run(&args).and_then(|report| emit(&report)),
+        Command::Runtime(args) => runtime::cli::run(&args).and_then(|report| emit(&report)),
         Command::Config {
             command: ConfigCommand::Dump(flags),
         } => flags.resolve().map(|c| print!("{}", c.to_toml())),
@@ -80,6 +80,15 @@ fn main() -> std::process::ExitCode {
             eprintln!("stallwatch: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }
 

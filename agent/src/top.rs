@@ -175,7 +175,20 @@ fn totals(families: &[MetricFamily]) -> (Totals, HashMap<u32, (String, String)>)
                 MetricType::COUNTER => Either::V(m.get_counter().get_value()),
                 _ => continue,
             };
-            t.insert((pid, f.name().to_string(), rest), v);
+            // Several series can share a pid (the image before and after an exec, kept
+            // for exit_grace): add them up.
+            match (
+                t.entry((pid, f.name().to_string(), rest))
+                    .or_insert(match &v {
+                        Either::H(_) => Either::H(Hist::default()),
+                        Either::V(_) => Either::V(0.0),
+                    }),
+                v,
+            ) {
+                (Either::H(a), Either::H(b)) => a.add(&b),
+                (Either::V(a), Either::V(b)) => *a += b,
+                _ => {}
+            }
         }
     }
     (t, names)
@@ -248,10 +261,12 @@ fn rows(prev: &Totals, now: &Totals, names: &HashMap<u32, (String, String)>) -> 
             }
         }
     }
+    let mut best: HashMap<u32, f64> = HashMap::new();
     for ((pid, class), secs) in class_time {
         if let Some(r) = out.get_mut(&pid) {
-            let best = r.top_class.is_empty() || secs > 0.0;
-            if best && secs > 0.0 {
+            let b = best.entry(pid).or_insert(0.0);
+            if secs > *b {
+                *b = secs;
                 r.top_class = class;
             }
         }
@@ -309,11 +324,18 @@ const HEADER: [&str; 11] = [
     "PAUSE",
 ];
 /// Column widths: with single spaces between them, 80 columns.
-const WIDTHS: [u16; 11] = [7, 10, 7, 5, 5, 3, 7, 7, 7, 5, 7];
+const WIDTHS: [u16; 11] = [7, 10, 7, 5, 5, 4, 7, 7, 7, 5, 6];
 
 /// Cells of one row; percentages of the interval (can exceed 100 with several threads).
 fn cells(r: &Row, interval: f64) -> [String; 11] {
-    let pct = |s: f64| format!("{:.0}", 100.0 * s / interval.max(1e-9));
+    let pct = |s: f64| {
+        let p = 100.0 * s / interval.max(1e-9);
+        if p >= 999.5 {
+            "999+".to_string()
+        } else {
+            format!("{p:.0}")
+        }
+    };
     [
         r.pid.to_string(),
         r.comm.chars().take(10).collect(),
@@ -380,6 +402,9 @@ fn start_app() -> anyhow::Result<(App, tokio::runtime::Runtime)> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.interval < Duration::from_millis(100) {
+        bail!("--interval must be at least 100ms");
+    }
     let live = !args.once && std::io::stdout().is_terminal();
     // The agent's own log lines (slow syscalls, discovery) would tear the live view; in the
     // plain table only warnings are worth the noise.
@@ -400,11 +425,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         std::thread::sleep(args.interval);
         let (t1, names) = totals(&app.gather());
         let rows = sorted(rows(&t0, &t1, &names), args.sort, &filter);
-        print!(
-            "{}",
-            plain_table(&rows, start.elapsed().as_secs_f64(), args.sort, args.rows)
-        );
-        Ok(())
+        let table = plain_table(&rows, start.elapsed().as_secs_f64(), args.sort, args.rows);
+        use std::io::Write;
+        match std::io::stdout().lock().write_all(table.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.map_err(Into::into),
+        }
     } else {
         tui(&app, args, filter)
     };
@@ -422,6 +448,12 @@ fn tui(app: &App, args: &Args, mut filter: Filter) -> anyhow::Result<()> {
     use ratatui::text::Line;
     use ratatui::widgets::{Cell, Paragraph, Row as TRow, Table};
 
+    let failed: Vec<&str> = app
+        .probes
+        .iter()
+        .filter(|p| p.result.is_err())
+        .map(|p| p.name)
+        .collect();
     let mut term = ratatui::init();
     let mut sort = args.sort;
     let mut paused = false;
@@ -448,21 +480,30 @@ fn tui(app: &App, args: &Args, mut filter: Filter) -> anyhow::Result<()> {
             ])
             .areas(f.area());
             let status = format!(
-                "stallwatch top  sort:{}  filter:{}  interval:{:.1}s{}  (us unless ms/s)",
+                "stallwatch top  sort:{}  filter:{}  interval:{:.1}s{}{}",
                 sort.name(),
                 filter.comm.as_deref().unwrap_or("-"),
                 interval_s,
-                if paused { "  PAUSED" } else { "" }
+                if paused { "  PAUSED" } else { "" },
+                if failed.is_empty() {
+                    "  (us unless ms/s)".to_string()
+                } else {
+                    format!("  NOT ATTACHED: {}", failed.join(","))
+                }
             );
             f.render_widget(Paragraph::new(status), title);
             let widths = WIDTHS.map(Constraint::Length);
-            let rows = view.iter().map(|r| TRow::new(cells(r, interval_s).map(Cell::from)));
+            let rows = view
+                .iter()
+                .map(|r| TRow::new(cells(r, interval_s).map(Cell::from)));
             let header = TRow::new(HEADER.map(Cell::from))
                 .style(Style::default().add_modifier(Modifier::REVERSED));
             f.render_widget(Table::new(rows, widths).header(header), table);
             let hint = match (&editing, help) {
                 (Some(text), _) => format!("filter comm: {text}_  (Enter apply, Esc clear)"),
-                (None, true) => "1-7 sort: runq wait offcpu io syscall tcp pause | s next sort | / filter | p pause | q quit".into(),
+                (None, true) => {
+                    "1-7 sort runq/wait/offcpu/io/syscall/tcp/pause s:next /:filter p q".into()
+                }
                 (None, false) => "q quit  s sort  / filter  p pause  ? help".into(),
             };
             f.render_widget(Paragraph::new(Line::from(hint)), keys);
@@ -470,10 +511,13 @@ fn tui(app: &App, args: &Args, mut filter: Filter) -> anyhow::Result<()> {
         if let Err(e) = draw {
             break Err(e.into());
         }
-        let wait = args
-            .interval
-            .saturating_sub(last.elapsed())
-            .min(Duration::from_millis(200));
+        let wait = if paused {
+            Duration::from_millis(200)
+        } else {
+            args.interval
+                .saturating_sub(last.elapsed())
+                .clamp(Duration::from_millis(10), Duration::from_millis(200))
+        };
         match event::poll(wait) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -503,8 +547,14 @@ fn tui(app: &App, args: &Args, mut filter: Filter) -> anyhow::Result<()> {
             }
             continue;
         }
+        if k.code == KeyCode::Char('c') && k.modifiers.contains(event::KeyModifiers::CONTROL) {
+            break Ok(());
+        }
         match k.code {
-            KeyCode::Char('q') | KeyCode::Esc => break Ok(()),
+            KeyCode::Char('q') => break Ok(()),
+            // Esc clears a filter; with none set it quits, like q.
+            KeyCode::Esc if filter.comm.is_some() => filter.comm = None,
+            KeyCode::Esc => break Ok(()),
             KeyCode::Char('s') => sort = sort.next(),
             KeyCode::Char(c @ '1'..='7') => sort = Sort::ALL[c as usize - '1' as usize],
             KeyCode::Char('/') => editing = Some(String::new()),
