@@ -118,7 +118,10 @@ fn a_cpu_contended_process_is_cpu_starved() {
     // (the fourth, main thread sleeps on a barrier all along).
     let t = &v["time_seconds"];
     let ratio = t["runqueue"].as_f64().unwrap() / t["on_cpu"].as_f64().unwrap();
-    assert!((1.5..2.5).contains(&ratio), "run-queue / on-CPU = {ratio}: {v:#}");
+    assert!(
+        (1.5..2.5).contains(&ratio),
+        "run-queue / on-CPU = {ratio}: {v:#}"
+    );
     assert!(pct(&v, "sleeping") > 15.0, "the main thread's sleep: {v:#}");
     assert!(v["complete"].as_bool().unwrap());
     w.finish();
