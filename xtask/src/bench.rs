@@ -14,6 +14,9 @@
 //!    libbpf-tools peers that can attach here (tcplife; tcpconnlat needs kprobes or fentry).
 //! 6. gc probe: time added per Go GC (alternating off/on runs forcing GCs), BPF stats of its
 //!    programs, and the agent's own CPU time per exec it inspects (non-runtime and Go).
+//! 7. The agent itself: RSS idle and under `perf bench sched messaging` (hackbench), its CPU
+//!    time, /metrics latency p50/p99 at the series counts a --per-pid host gives (about 10k
+//!    and 20k here: every process on the host is its own series), kernel map memory.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -119,7 +122,7 @@ fn perf_bench(argv: &[String]) -> anyhow::Result<f64> {
         .with_context(|| format!("no usecs/op in perf output:\n{out}"))
 }
 
-struct Agent(Child);
+struct Agent(Child, String);
 
 impl Agent {
     fn start_with(bin: &std::path::Path, extra: &[&str]) -> anyhow::Result<Agent> {
@@ -134,14 +137,15 @@ impl Agent {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening on") {
-                    let _ = tx.send(());
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(60))
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
             .context("stallwatch did not start listening within 60 s")?;
-        Ok(Agent(child))
+        Ok(Agent(child, addr))
     }
 }
 
@@ -355,6 +359,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     report.push_str(&syscall_sections(&bin, args)?);
     report.push_str(&tcp_section(&bin, args)?);
     report.push_str(&gc_section(&bin, args)?);
+    report.push_str(&agent_section(&bin)?);
     let report = report.replacen(
         " in 0 s.",
         &format!(" in {:.0} s.", started.elapsed().as_secs_f64()),
@@ -792,4 +797,144 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
         (c2 - c1) as f64 / 1e3 / go_runs as f64,
     ));
     Ok(report)
+}
+
+/// GET `path` from `addr`; the body.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("not HTTP")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))
+}
+
+/// Section 7: what the agent itself costs.
+fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
+    let swload = bin.with_file_name("swload");
+    let mut report = String::from("\n## The agent itself\n\n");
+    // Scrape latency by series count: per-pid series of N sleeping processes.
+    report.push_str(
+        "`/metrics` latency with `stallwatch run --per-pid` (default probes) and N extra \
+         processes each waking every 10 ms (`swload sleep`), 200 sequential scrapes after a \
+         5 s warm-up. Series = exposition sample lines.\n\n\
+         | processes | series | p50 ms | p99 ms | max ms | agent RSS MiB |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for n in [8usize, 80] {
+        let agent = Agent::start_with(bin, &["--per-pid"])?;
+        let mut kids = Vec::new();
+        for _ in 0..n {
+            kids.push(
+                Command::new(&swload)
+                    .args(["sleep", "100000", "10"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting swload")?,
+            );
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        let body = http_get(&agent.1, "/metrics")?;
+        let series = body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count();
+        let mut ms = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t0 = Instant::now();
+            http_get(&agent.1, "/metrics")?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
+        report.push_str(&format!(
+            "| {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
+            ms[100],
+            ms[197],
+            ms[199]
+        ));
+        for mut k in kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        drop(agent);
+    }
+    // RSS and CPU idle, and under hackbench.
+    let agent = Agent::start_with(bin, &[])?;
+    let pid = agent.0.id();
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss_idle, c0, t0) = (status_kb(pid, "VmRSS:")?, cpu_ns(pid)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_cpu = (cpu_ns(pid)? - c0) as f64 / t0.elapsed().as_nanos() as f64 * 100.0;
+    let hack = ["perf", "bench", "sched", "messaging", "-g", "10", "-l", "2000"];
+    let (c1, t1) = (cpu_ns(pid)?, Instant::now());
+    cmd::output(Command::new(hack[0]).args(&hack[1..]))?;
+    let busy_s = t1.elapsed().as_secs_f64();
+    let busy_cpu = (cpu_ns(pid)? - c1) as f64 / t1.elapsed().as_nanos() as f64 * 100.0;
+    let rss_busy = status_kb(pid, "VmRSS:")?;
+    let hwm = status_kb(pid, "VmHWM:")?;
+    drop(agent);
+    report.push_str(&format!(
+        "\nDefault probes (sched, tcp, gc): RSS {:.1} MiB idle, {:.1} MiB after `{}` ({busy_s:.1} s; \
+         peak {:.1} MiB). Agent CPU (all threads, /proc/<pid>/task/*/schedstat): {idle_cpu:.2} % \
+         of one CPU idle, {busy_cpu:.2} % during hackbench. Target: RSS ≤ 30 MB steady.\n",
+        rss_idle as f64 / 1024.0,
+        rss_busy as f64 / 1024.0,
+        hack.join(" "),
+        hwm as f64 / 1024.0,
+    ));
+    // Kernel map memory of a running agent (bpftool's memlock per map).
+    let before: std::collections::BTreeSet<u64> = map_ids()?.into_iter().map(|(id, _, _)| id).collect();
+    let agent = Agent::start_with(bin, &["--probes", "sched,syscalls,tcp,gc"])?;
+    let maps: Vec<(u64, String, u64)> = map_ids()?
+        .into_iter()
+        .filter(|(id, _, _)| !before.contains(id))
+        .collect();
+    drop(agent);
+    let total: u64 = maps.iter().map(|m| m.2).sum();
+    report.push_str(&format!(
+        "\nKernel map memory with every probe (bpftool `bytes_memlock`, default sizes): \
+         **{:.1} MiB** in {} maps; largest: {}.\n",
+        total as f64 / 1048576.0,
+        maps.len(),
+        {
+            let mut m = maps.clone();
+            m.sort_by_key(|x| std::cmp::Reverse(x.2));
+            m.iter()
+                .take(4)
+                .map(|(_, n, b)| format!("`{n}` {:.1} MiB", *b as f64 / 1048576.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    ));
+    Ok(report)
+}
+
+/// (id, name, bytes_memlock) of every BPF map on the host.
+fn map_ids() -> anyhow::Result<Vec<(u64, String, u64)>> {
+    let out = cmd::output(Command::new("bpftool").args(["map", "show", "--json"]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some((
+                m["id"].as_u64()?,
+                m["name"].as_str().unwrap_or("?").to_string(),
+                m["bytes_memlock"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect())
 }
