@@ -193,3 +193,98 @@ fn a_probed_go_binary_replaced_while_its_process_runs() {
         0.0
     );
 }
+
+fn dropped(m: &Metrics, probe: &str, reason: &str) -> f64 {
+    m.sum(
+        "stallwatch_events_dropped_total",
+        &[("probe", probe), ("reason", reason)],
+    )
+}
+
+#[test]
+fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
+    let Some(_g) =
+        kernel_or_skip("tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy")
+    else {
+        return;
+    };
+    // Four process entries for a whole host, and one page of exit/exec events.
+    let agent = Agent::start(&[
+        "--probes",
+        "sched,tcp",
+        "--max-processes",
+        "4",
+        "--event-buffer",
+        "4096",
+    ]);
+    // A burst of short-lived processes: more processes than entries, and — with the agent
+    // stopped (SIGSTOP), so its reader cannot drain the ring while the kernel programs keep
+    // running — more exit/exec events than the ring holds.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    let burst: Vec<_> = (0..400)
+        .map(|_| Command::new("/bin/true").spawn().expect("spawn /bin/true"))
+        .collect();
+    for mut c in burst {
+        let _ = c.wait();
+    }
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let m = agent.scrape();
+            dropped(&m, "sched", "process_map_full") > 0.0
+        }),
+        "a full process map is counted"
+    );
+    let m = agent.scrape();
+    assert!(
+        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]) <= 4.0,
+        "the map stays within its bound"
+    );
+    // The ring holds 4096 bytes (~85 events of 48): of the 800 events, most were dropped,
+    // and every drop is counted.
+    let ring = dropped(&m, "lifecycle", "event_ring_full");
+    assert!(ring >= 400.0, "event_ring_full = {ring}");
+    // With exit events lost, the sweep retires those processes (exit_missed) in time.
+    assert_eq!(agent.get("/healthz").0, 200);
+    assert_eq!(agent.get("/readyz").0, 200);
+    assert!(agent.stop(), "clean exit after the flood");
+}
+
+#[test]
+fn malformed_flags_and_config_are_clear_errors() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["run", "--probes", "sched,bogus"]);
+    assert!(!ok && err.contains("unknown probe \"bogus\""), "{err}");
+    let (ok, err) = run(&["run", "--event-buffer", "1000"]);
+    assert!(!ok && err.contains("event-buffer"), "{err}");
+    let (ok, err) = run(&["run", "--max-processes", "lots"]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+    let dir = std::env::temp_dir().join(format!("sw-badconf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "probes = sched\n").unwrap();
+    let (ok, err) = run(&["run", "--config", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.toml"), "names the file: {err}");
+    let unknown = dir.join("unknown.toml");
+    std::fs::write(&unknown, "probez = [\"sched\"]\n").unwrap();
+    let (ok, err) = run(&["run", "--config", unknown.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("probez"),
+        "names the unknown key: {err}"
+    );
+    let (ok, err) = run(&["run", "--config", "/nonexistent/stallwatch.toml"]);
+    assert!(!ok && err.contains("/nonexistent/stallwatch.toml"), "{err}");
+    for e in [&err] {
+        assert!(!e.contains("panicked"), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

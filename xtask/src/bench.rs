@@ -803,7 +803,10 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("not HTTP")?;
@@ -861,9 +864,7 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
         report.push_str(&format!(
             "| {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
-            ms[100],
-            ms[197],
-            ms[199]
+            ms[100], ms[197], ms[199]
         ));
         for mut k in kids {
             let _ = k.kill();
@@ -878,7 +879,16 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
     let (rss_idle, c0, t0) = (status_kb(pid, "VmRSS:")?, cpu_ns(pid)?, Instant::now());
     std::thread::sleep(Duration::from_secs(10));
     let idle_cpu = (cpu_ns(pid)? - c0) as f64 / t0.elapsed().as_nanos() as f64 * 100.0;
-    let hack = ["perf", "bench", "sched", "messaging", "-g", "10", "-l", "2000"];
+    let hack = [
+        "perf",
+        "bench",
+        "sched",
+        "messaging",
+        "-g",
+        "10",
+        "-l",
+        "2000",
+    ];
     let (c1, t1) = (cpu_ns(pid)?, Instant::now());
     cmd::output(Command::new(hack[0]).args(&hack[1..]))?;
     let busy_s = t1.elapsed().as_secs_f64();
@@ -896,7 +906,8 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         hwm as f64 / 1024.0,
     ));
     // Kernel map memory of a running agent (bpftool's memlock per map).
-    let before: std::collections::BTreeSet<u64> = map_ids()?.into_iter().map(|(id, _, _)| id).collect();
+    let before: std::collections::BTreeSet<u64> =
+        map_ids()?.into_iter().map(|(id, _, _)| id).collect();
     let agent = Agent::start_with(bin, &["--probes", "sched,syscalls,tcp,gc"])?;
     let maps: Vec<(u64, String, u64)> = map_ids()?
         .into_iter()
