@@ -283,8 +283,5 @@ fn malformed_flags_and_config_are_clear_errors() {
     );
     let (ok, err) = run(&["run", "--config", "/nonexistent/stallwatch.toml"]);
     assert!(!ok && err.contains("/nonexistent/stallwatch.toml"), "{err}");
-    for e in [&err] {
-        assert!(!e.contains("panicked"), "{e}");
-    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
