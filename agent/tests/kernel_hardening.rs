@@ -83,7 +83,8 @@ fn sigterm_and_sigint_detach_every_program_and_kill_9_leaves_a_clean_restart() {
     );
     let again = Agent::start(&["--probes", "sched,tcp,gc"]);
     assert_eq!(again.get("/readyz").0, 200);
-    assert!(again.stop(), "clean exit");
+    let (status, log) = again.stop_with_log();
+    assert!(status.success(), "clean exit, got {status}; log:\n{log}");
 }
 
 #[test]

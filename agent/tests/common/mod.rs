@@ -91,6 +91,17 @@ impl Agent {
         self.child.id()
     }
 
+    /// SIGTERM and wait; the exit status, and the whole log.
+    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for the agent");
+        // The log reader thread ends with the pipe; give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        let log = self.log();
+        std::mem::forget(self);
+        (status, log)
+    }
+
     /// SIGTERM and wait; returns the exit status success.
     pub fn stop(mut self) -> bool {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
