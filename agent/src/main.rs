@@ -115,6 +115,7 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     registry
         .register(Box::new(app::AppCollector::new(app.clone())))
         .context("registering the collector")?;
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding --listen {listen}"))?;
@@ -124,7 +125,7 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
         background.spawn(t);
     }
     let server = axum::serve(listener, server::router(app.clone(), registry))
-        .with_graceful_shutdown(shutdown_signal());
+        .with_graceful_shutdown(shutdown);
     tokio::select! {
         r = server => r.context("HTTP server")?,
         Some(r) = background.join_next() => {
@@ -135,12 +136,18 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: the HTTP server polls its shutdown future from a task of its
+/// own, possibly after it has answered its first request, and a signal in between would meet
+/// the default action and kill the agent uncleanly.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }

@@ -286,3 +286,35 @@ fn malformed_flags_and_config_are_clear_errors() {
     assert!(!ok && err.contains("/nonexistent/stallwatch.toml"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_signal_right_after_start_still_exits_cleanly() {
+    let Some(_g) = kernel_or_skip("a_signal_right_after_start_still_exits_cleanly") else {
+        return;
+    };
+    use std::io::BufRead;
+    // The signal handlers must exist by the time the agent says it listens: a SIGTERM sent
+    // at that moment once met the default action (exit by signal, probes torn down by the
+    // kernel instead of by the agent).
+    for i in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+            .args(["run", "--listen", "127.0.0.1:0", "--probes", "sched"])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("listening on") {
+                break;
+            }
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "run {i}: {status}; log after listening: {rest:?}"
+        );
+    }
+}
