@@ -275,7 +275,9 @@ fn dropped_syns_time_out(family: Family) {
     assert_eq!(
         m.sum(RETRANS, &[("pid", &c)]),
         retrans_segs as f64,
-        "{family:?}: our retransmits vs TcpRetransSegs"
+        "{family:?}: our retransmits vs TcpRetransSegs; tcp drops: untracked {} socket_state_failed {}",
+        m.sum("stallwatch_events_dropped_total", &[("probe", "tcp"), ("reason", "untracked_socket")]),
+        m.sum("stallwatch_events_dropped_total", &[("probe", "tcp"), ("reason", "socket_state_failed")]),
     );
     client.finish();
 }

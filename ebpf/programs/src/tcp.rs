@@ -226,13 +226,20 @@ fn owner_count(sk: *const u8, field: fn(&mut TcpStats) -> &mut u64) {
     }
 }
 
+/// Errors (negated errnos) `__tcp_retransmit_skb` returns before it counts and transmits
+/// the segment: EBUSY, EINVAL, EAGAIN, ENOMEM, EHOSTUNREACH.
+const NOT_SENT: [i32; 5] = [-16, -22, -11, -12, -113];
+
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn sw_tcp_retrans(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err): newer kernels
-    // trace attempts that failed (e.g. -EBUSY, the original still queued) too; the kernel's
-    // RetransSegs counts only the ones that went out.
+    // trace failed attempts too. Those that failed before the transmit (the original still
+    // queued, nothing to send, no memory, no route) are not retransmits; one the device layer
+    // refused (-ENOBUFS, a netfilter drop) is, and the kernel's RetransSegs counts it, so
+    // this does too.
     let err: i64 = ctx.arg(2);
-    if err as i32 != 0 {
+    let err = err as i32;
+    if NOT_SENT.iter().any(|e| *e == err) {
         return 0;
     }
     owner_count(ctx.arg(0), |st| &mut st.retransmits);
