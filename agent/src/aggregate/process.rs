@@ -18,41 +18,28 @@ pub trait Counters: Clone + PartialEq + std::fmt::Debug {
     fn checked_sub(&self, earlier: &Self) -> Option<Self>;
 }
 
-impl Counters for stallwatch_common::tcp::TcpStats {
-    fn zero() -> Self {
-        Self::ZERO
-    }
-    fn add(&mut self, other: &Self) {
-        Self::add(self, other)
-    }
-    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
-        Self::checked_sub(self, earlier)
-    }
+/// The kernel ABI's per-process aggregates already have `ZERO`, `add` and `checked_sub`.
+macro_rules! counters_from_abi {
+    ($($t:ty),*) => {$(
+        impl Counters for $t {
+            fn zero() -> Self {
+                Self::ZERO
+            }
+            fn add(&mut self, other: &Self) {
+                Self::add(self, other)
+            }
+            fn checked_sub(&self, earlier: &Self) -> Option<Self> {
+                Self::checked_sub(self, earlier)
+            }
+        }
+    )*};
 }
 
-impl Counters for stallwatch_common::gc::GcStats {
-    fn zero() -> Self {
-        Self::ZERO
-    }
-    fn add(&mut self, other: &Self) {
-        Self::add(self, other)
-    }
-    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
-        Self::checked_sub(self, earlier)
-    }
-}
-
-impl Counters for SchedStats {
-    fn zero() -> Self {
-        SchedStats::ZERO
-    }
-    fn add(&mut self, other: &Self) {
-        SchedStats::add(self, other)
-    }
-    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
-        SchedStats::checked_sub(self, earlier)
-    }
-}
+counters_from_abi!(
+    SchedStats,
+    stallwatch_common::tcp::TcpStats,
+    stallwatch_common::gc::GcStats
+);
 
 /// Who a process is, as far as labels go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
