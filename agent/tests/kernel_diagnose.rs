@@ -19,6 +19,23 @@ fn stallwatch(args: &[&str]) -> Output {
         .expect("run stallwatch")
 }
 
+/// `stallwatch diagnose --pid P --duration D --json`, running while the test drives `pid`.
+fn spawn_diagnose_json(pid: u32, duration: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+        .args([
+            "diagnose",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            duration,
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run stallwatch diagnose")
+}
+
 fn diagnose_json(pid: u32, duration: &str) -> Value {
     let out = stallwatch(&[
         "diagnose",
@@ -181,19 +198,7 @@ fn a_process_that_exits_mid_run_gets_a_partial_report() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let out = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
-        .args([
-            "diagnose",
-            "--pid",
-            &pid.to_string(),
-            "--duration",
-            "8s",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let out = spawn_diagnose_json(pid, "8s");
     // Reaped by us, so its /proc entry goes when it exits.
     std::thread::spawn(move || child.wait());
     let out = out.wait_with_output().unwrap();
@@ -484,19 +489,7 @@ fn diagnose_reports_a_go_programs_gc_pauses() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let diag = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
-        .args([
-            "diagnose",
-            "--pid",
-            &pid.to_string(),
-            "--duration",
-            "4s",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let diag = spawn_diagnose_json(pid, "4s");
     // Forced GCs throughout the window (the first ones may land before the probes attach).
     {
         use std::io::Write;

@@ -242,6 +242,19 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     out
 }
 
+/// The lines a child prints, read by a thread of their own.
+pub fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A running `swload` workload.
 pub struct Workload {
     child: Child,
@@ -275,19 +288,11 @@ impl Workload {
         let mut child = cmd.spawn().expect("spawn swload");
         let pid = child.id();
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_reader(child.stdout.take().unwrap());
         Workload {
             child,
             stdin,
-            lines: rx,
+            lines,
             pid,
             tids: Vec::new(),
         }
