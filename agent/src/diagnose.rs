@@ -128,38 +128,58 @@ struct Snapshot {
 
 const PROCESS_LABELS: &[&str] = &["pid", "comm", "cgroup"];
 
+/// A per-process sample: a histogram or a counter.
+pub enum Sample {
+    Hist(Hist),
+    Value(f64),
+}
+
+/// One per-process series: its process labels, family, other labels and sample.
+pub struct Series<'a> {
+    pub pid: u32,
+    pub comm: &'a str,
+    pub cgroup: &'a str,
+    pub family: &'a str,
+    pub labels: Vec<(String, String)>,
+    pub sample: Sample,
+}
+
+/// Every per-process (pid-labelled) histogram and counter of a gather; what `diagnose` and
+/// `top` read.
+pub fn per_process(families: &[MetricFamily]) -> impl Iterator<Item = Series<'_>> {
+    families.iter().flat_map(|f| {
+        f.get_metric().iter().filter_map(move |m| {
+            let labels = m.get_label();
+            let get = |k: &str| labels.iter().find(|l| l.name() == k).map(|l| l.value());
+            let pid = get("pid")?.parse().ok()?;
+            let sample = match f.get_field_type() {
+                MetricType::HISTOGRAM => Sample::Hist(Hist::from_proto(m.get_histogram())),
+                MetricType::COUNTER => Sample::Value(m.get_counter().get_value()),
+                _ => return None,
+            };
+            Some(Series {
+                pid,
+                comm: get("comm").unwrap_or_default(),
+                cgroup: get("cgroup").unwrap_or_default(),
+                family: f.name(),
+                labels: labels
+                    .iter()
+                    .filter(|l| !PROCESS_LABELS.contains(&l.name()))
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect(),
+                sample,
+            })
+        })
+    })
+}
+
 fn snapshot(families: &[MetricFamily], pids: &HashSet<u32>) -> Snapshot {
     let mut s = Snapshot::default();
-    for f in families {
-        for m in f.get_metric() {
-            let labels = m.get_label();
-            let Some(pid) = labels
-                .iter()
-                .find(|l| l.name() == "pid")
-                .and_then(|l| l.value().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if !pids.contains(&pid) {
-                continue;
-            }
-            let rest: Vec<(String, String)> = labels
-                .iter()
-                .filter(|l| !PROCESS_LABELS.contains(&l.name()))
-                .map(|l| (l.name().to_string(), l.value().to_string()))
-                .collect();
-            let key = (f.name().to_string(), rest);
-            match f.get_field_type() {
-                MetricType::HISTOGRAM => s
-                    .hists
-                    .entry(key)
-                    .or_default()
-                    .add(&Hist::from_proto(m.get_histogram())),
-                MetricType::COUNTER => {
-                    *s.values.entry(key).or_default() += m.get_counter().get_value()
-                }
-                _ => {}
-            }
+    for series in per_process(families).filter(|x| pids.contains(&x.pid)) {
+        let key = (series.family.to_string(), series.labels);
+        match series.sample {
+            Sample::Hist(h) => s.hists.entry(key).or_default().add(&h),
+            Sample::Value(v) => *s.values.entry(key).or_default() += v,
         }
     }
     s

@@ -13,7 +13,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::diagnose::Hist;
+use crate::diagnose::{per_process, Hist, Sample};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -134,61 +134,28 @@ fn max_le(h: &Hist) -> Option<f64> {
         .and_then(|i| h.le.get(i).copied().or(Some(f64::INFINITY)))
 }
 
-type Totals = BTreeMap<(u32, String, Vec<(String, String)>), Either>;
-
-#[derive(Debug, Clone)]
-enum Either {
-    H(Hist),
-    V(f64),
-}
+type Totals = BTreeMap<(u32, String, Vec<(String, String)>), Sample>;
 
 /// Every per-process series by (pid, family, other labels), with comm and cgroup per pid.
 fn totals(families: &[MetricFamily]) -> (Totals, HashMap<u32, (String, String)>) {
-    use prometheus::proto::MetricType;
     let mut t = Totals::new();
     let mut names = HashMap::new();
-    for f in families {
-        for m in f.get_metric() {
-            let labels = m.get_label();
-            let get = |k: &str| {
-                labels
-                    .iter()
-                    .find(|l| l.name() == k)
-                    .map(|l| l.value().to_string())
-            };
-            let Some(pid) = get("pid").and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            names.entry(pid).or_insert_with(|| {
-                (
-                    get("comm").unwrap_or_default(),
-                    get("cgroup").unwrap_or_default(),
-                )
+    for x in per_process(families) {
+        names
+            .entry(x.pid)
+            .or_insert_with(|| (x.comm.to_string(), x.cgroup.to_string()));
+        // Several series can share a pid (the image before and after an exec, kept for
+        // exit_grace): add them up.
+        let slot = t
+            .entry((x.pid, x.family.to_string(), x.labels))
+            .or_insert(match &x.sample {
+                Sample::Hist(_) => Sample::Hist(Hist::default()),
+                Sample::Value(_) => Sample::Value(0.0),
             });
-            let rest: Vec<(String, String)> = labels
-                .iter()
-                .filter(|l| !["pid", "comm", "cgroup"].contains(&l.name()))
-                .map(|l| (l.name().to_string(), l.value().to_string()))
-                .collect();
-            let v = match f.get_field_type() {
-                MetricType::HISTOGRAM => Either::H(Hist::from_proto(m.get_histogram())),
-                MetricType::COUNTER => Either::V(m.get_counter().get_value()),
-                _ => continue,
-            };
-            // Several series can share a pid (the image before and after an exec, kept
-            // for exit_grace): add them up.
-            match (
-                t.entry((pid, f.name().to_string(), rest))
-                    .or_insert(match &v {
-                        Either::H(_) => Either::H(Hist::default()),
-                        Either::V(_) => Either::V(0.0),
-                    }),
-                v,
-            ) {
-                (Either::H(a), Either::H(b)) => a.add(&b),
-                (Either::V(a), Either::V(b)) => *a += b,
-                _ => {}
-            }
+        match (slot, x.sample) {
+            (Sample::Hist(a), Sample::Hist(b)) => a.add(&b),
+            (Sample::Value(a), Sample::Value(b)) => *a += b,
+            _ => {}
         }
     }
     (t, names)
@@ -215,9 +182,9 @@ fn rows(prev: &Totals, now: &Totals, names: &HashMap<u32, (String, String)>) -> 
             }
         });
         match (v, prev.get(key)) {
-            (Either::H(h), p) => {
+            (Sample::Hist(h), p) => {
                 let p = match p {
-                    Some(Either::H(p)) => Some(p),
+                    Some(Sample::Hist(p)) => Some(p),
                     _ => None,
                 };
                 let d = h.minus(p);
@@ -234,9 +201,9 @@ fn rows(prev: &Totals, now: &Totals, names: &HashMap<u32, (String, String)>) -> 
                     _ => {}
                 }
             }
-            (Either::V(v), p) => {
+            (Sample::Value(v), p) => {
                 let p = match p {
-                    Some(Either::V(p)) => *p,
+                    Some(Sample::Value(p)) => *p,
                     _ => 0.0,
                 };
                 let d = (v - p).max(0.0);
