@@ -28,6 +28,24 @@ pub struct App {
     /// Owns every program and link: dropping it detaches everything.
     ebpf: Mutex<Ebpf>,
     _bpf_stats: Option<OwnedFd>,
+    /// Whether the Kubernetes pod watch runs (its self-metrics are exported).
+    pub kubernetes: bool,
+}
+
+fn kubernetes_families() -> Vec<MetricFamily> {
+    let idx = crate::attribution::kube::index()
+        .read()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut pods = Family::new(&catalogue::KUBERNETES_PODS);
+    let mut synced = Family::new(&catalogue::KUBERNETES_SYNCED);
+    let mut errors = Family::new(&catalogue::KUBERNETES_WATCH_ERRORS);
+    pods.value(&[], idx.pods() as f64);
+    synced.value(&[], if idx.synced() { 1.0 } else { 0.0 });
+    errors.value(&[], idx.errors() as f64);
+    [pods, synced, errors]
+        .into_iter()
+        .filter_map(Family::finish)
+        .collect()
 }
 
 pub fn kernel_release() -> String {
@@ -40,6 +58,7 @@ impl App {
     /// Loads and attaches every requested probe. A probe that cannot attach is reported (log,
     /// `stallwatch_probe_attached`) and skipped, unless `strict` is set.
     pub fn start(config: Config) -> anyhow::Result<(App, Vec<Task>)> {
+        crate::attribution::init(config.cgroup_root.as_deref())?;
         let object = crate::embedded::object()?;
         let kernel = KernelInfo::from_sys_fs()?;
         let mut ebpf = loader::load(object, &config, &kernel).map_err(crate::check::explain)?;
@@ -97,6 +116,7 @@ impl App {
                 running,
                 ebpf: Mutex::new(ebpf),
                 _bpf_stats: bpf_stats,
+                kubernetes: false,
             },
             tasks,
         ))
@@ -114,6 +134,7 @@ impl App {
         let mut entries = Family::new(&catalogue::MAP_ENTRIES);
         let mut capacity = Family::new(&catalogue::MAP_CAPACITY);
         let mut tracked = Family::new(&catalogue::TRACKED_PROCESSES);
+        let mut overflow = Family::new(&catalogue::SERIES_OVERFLOW);
         let mut tracked_total = 0;
         for probe in &self.running {
             out.extend(probe.families(arrived));
@@ -127,6 +148,9 @@ impl App {
                 }
             }
             tracked_total = tracked_total.max(probe.tracked_processes());
+            if let Some(n) = probe.series_overflow() {
+                overflow.value(&[("probe", probe.name())], n as f64);
+            }
         }
         if !self.running.is_empty() {
             tracked.value(&[], tracked_total as f64);
@@ -148,12 +172,17 @@ impl App {
             );
         }
         out.extend(
-            [build, attached, dropped, tracked, entries, capacity]
-                .into_iter()
-                .filter_map(Family::finish),
+            [
+                build, attached, dropped, tracked, overflow, entries, capacity,
+            ]
+            .into_iter()
+            .filter_map(Family::finish),
         );
         if self.config.bpf_stats {
             out.extend(self.program_stats());
+        }
+        if self.kubernetes {
+            out.extend(kubernetes_families());
         }
         out
     }

@@ -46,6 +46,25 @@ pub struct Config {
     /// `diagnose`, so sampling one process puts no uprobes into others' binaries.
     #[serde(skip)]
     pub gc_only_pids: Vec<u32>,
+    /// Name pods and containers from the Kubernetes API: `auto` (when an in-cluster service
+    /// account or a kubeconfig is present) or `off` (labels from cgroup paths only).
+    pub kubernetes: KubernetesMode,
+    /// This node's name (the pods watched are those with spec.nodeName equal to it).
+    pub node_name: Option<String>,
+    /// Where the host's cgroup v2 hierarchy is mounted (default: found in /proc/self/mountinfo).
+    pub cgroup_root: Option<PathBuf>,
+    /// Per metric, at most this many process series (comm, cgroup, ...); the least active
+    /// rest fold into one `comm="_other"` series. 0: no cap.
+    pub max_series: u32,
+    /// Once the probes are attached, drop every capability later work does not need.
+    pub drop_capabilities: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubernetesMode {
+    Auto,
+    Off,
 }
 
 impl Default for Config {
@@ -67,6 +86,11 @@ impl Default for Config {
             syscall_max_entries: 65536,
             tcp_rtt_interval: Duration::from_secs(1),
             gc_only_pids: Vec::new(),
+            kubernetes: KubernetesMode::Auto,
+            node_name: None,
+            cgroup_root: None,
+            max_series: 2000,
+            drop_capabilities: true,
         }
     }
 }
@@ -93,6 +117,11 @@ pub struct FileConfig {
     pub syscall_max_entries: Option<u32>,
     #[serde(default, with = "humantime_serde_compat::option")]
     pub tcp_rtt_interval: Option<Duration>,
+    pub kubernetes: Option<KubernetesMode>,
+    pub node_name: Option<String>,
+    pub cgroup_root: Option<PathBuf>,
+    pub max_series: Option<u32>,
+    pub drop_capabilities: Option<bool>,
 }
 
 /// Flags of `stallwatch run` (and `check`); each has a STALLWATCH_* variable.
@@ -156,6 +185,24 @@ pub struct Flags {
     /// At most one RTT sample per TCP connection per interval [default: 1s].
     #[arg(long, env = "STALLWATCH_TCP_RTT_INTERVAL", value_parser = humantime::parse_duration)]
     pub tcp_rtt_interval: Option<Duration>,
+    /// Name pods and containers from the Kubernetes API [default: auto]: auto uses the
+    /// in-cluster service account or $KUBECONFIG when present; off keeps cgroup-path labels only.
+    #[arg(long, env = "STALLWATCH_KUBERNETES")]
+    pub kubernetes: Option<KubernetesMode>,
+    /// This node's name, for watching its pods (in a DaemonSet: the downward API's spec.nodeName).
+    #[arg(long, env = "STALLWATCH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the host's cgroup v2 hierarchy is mounted [default: from /proc/self/mountinfo]; in a
+    /// container, the host's /sys/fs/cgroup mounted read-only.
+    #[arg(long, env = "STALLWATCH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// At most this many process series per metric [default: 2000]; the least active rest fold
+    /// into one comm="_other" series (totals stay exact). 0: no cap.
+    #[arg(long, env = "STALLWATCH_MAX_SERIES")]
+    pub max_series: Option<u32>,
+    /// Drop capabilities not needed after the probes attach [default: true].
+    #[arg(long, env = "STALLWATCH_DROP_CAPABILITIES", num_args = 0..=1, default_missing_value = "true")]
+    pub drop_capabilities: Option<bool>,
 }
 
 impl Flags {
@@ -216,6 +263,18 @@ impl Flags {
                 .or(file.tcp_rtt_interval)
                 .unwrap_or(d.tcp_rtt_interval),
             gc_only_pids: Vec::new(),
+            kubernetes: self.kubernetes.or(file.kubernetes).unwrap_or(d.kubernetes),
+            node_name: self.node_name.clone().or(file.node_name).or(d.node_name),
+            cgroup_root: self
+                .cgroup_root
+                .clone()
+                .or(file.cgroup_root)
+                .or(d.cgroup_root),
+            max_series: self.max_series.or(file.max_series).unwrap_or(d.max_series),
+            drop_capabilities: self
+                .drop_capabilities
+                .or(file.drop_capabilities)
+                .unwrap_or(d.drop_capabilities),
         };
         c.validate()?;
         Ok(c)
@@ -249,6 +308,24 @@ impl Config {
         }
         if let Some(p) = self.syscall_pids.iter().find(|p| **p == 0) {
             bail!("--syscall-pid {p} is not a process id");
+        }
+        if let Some(root) = &self.cgroup_root {
+            if !root.join("cgroup.procs").exists() {
+                bail!(
+                    "--cgroup-root {}: not a cgroup v2 hierarchy (no cgroup.procs in it)",
+                    root.display()
+                );
+            }
+        }
+        if self
+            .node_name
+            .as_deref()
+            .is_some_and(|n| n.is_empty() || n.contains(['/', ',', '=']))
+        {
+            bail!(
+                "--node-name {:?} is not a Kubernetes node name",
+                self.node_name.as_deref().unwrap_or("")
+            );
         }
         let page = 4096;
         if self.event_buffer < page || !self.event_buffer.is_power_of_two() {

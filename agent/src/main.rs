@@ -2,6 +2,7 @@
 
 mod aggregate;
 mod app;
+mod attribution;
 mod btf;
 mod check;
 mod config;
@@ -9,6 +10,7 @@ mod diagnose;
 mod embedded;
 mod loader;
 mod metrics;
+mod privileges;
 mod probes;
 mod procfs;
 mod runtime;
@@ -103,11 +105,36 @@ fn run(config: config::Config) -> anyhow::Result<()> {
 
 async fn serve(config: config::Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let (app, tasks) = app::App::start(config)?;
+    let (mut app, mut tasks) = app::App::start(config)?;
     for p in &app.probes {
         match &p.result {
             Ok(progs) => log::info!("probe {} attached: {}", p.name, progs.join(", ")),
             Err(e) => log::warn!("probe {} not attached: {e}", p.name),
+        }
+    }
+    if let Some(watch) = attribution::kube::start(&app.config).await {
+        tasks.push(watch);
+        app.kubernetes = true;
+    }
+    if app.config.drop_capabilities {
+        let keep = privileges::keep_set(&app.config);
+        for (cap, why) in &keep {
+            log::debug!("keeping {cap}: {why}");
+        }
+        let keep: Vec<_> = keep.into_iter().map(|(c, _)| c).collect();
+        match privileges::drop_to(&keep) {
+            Ok(d) => log::info!(
+                "capabilities: kept {:?}, dropped {} in {} threads{}",
+                d.kept,
+                d.dropped.len(),
+                d.threads,
+                if d.bounding_set_too {
+                    " (and from the bounding set)"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => log::warn!("capabilities not dropped: {e:#}"),
         }
     }
     let app = Arc::new(app);

@@ -20,15 +20,18 @@ pub fn comm_from_bytes(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// The process's comm and cgroup v2 path, or `None` if it has exited.
+/// The process's comm, cgroup v2 path (host-absolute) and owner, or `None` if it has exited.
 pub fn identity(proc_root: &Path, tgid: u32) -> Option<Identity> {
     let dir = proc_root.join(tgid.to_string());
     let comm = std::fs::read(dir.join("comm")).ok()?;
-    let cgroup = std::fs::read_to_string(dir.join("cgroup")).ok()?;
+    let body = std::fs::read_to_string(dir.join("cgroup")).ok()?;
     let comm = comm_from_bytes(comm.strip_suffix(b"\n").unwrap_or(&comm));
+    let (cgroup, owner) =
+        crate::attribution::from_proc_cgroup(&body, &crate::attribution::host().ns);
     Some(Identity {
         comm,
-        cgroup: parse_cgroup_v2(&cgroup).unwrap_or("/").to_string(),
+        cgroup,
+        owner,
     })
 }
 
@@ -79,11 +82,9 @@ impl CgroupResolver {
         self.root.as_deref()
     }
 
+    /// The host's hierarchy: `--cgroup-root`, else where /proc/self/mountinfo says.
     pub fn from_system() -> Self {
-        let root = std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| parse_cgroup2_mount(&m));
-        Self::new(root)
+        Self::new(crate::attribution::host().cgroup_root.clone())
     }
 
     pub fn resolve(&mut self, id: u64) -> Option<String> {

@@ -16,12 +16,19 @@ pub trait Counters: Clone + PartialEq + std::fmt::Debug {
     fn add(&mut self, other: &Self);
     /// `self - earlier`, or `None` if any counter went backwards (the entry was recreated).
     fn checked_sub(&self, earlier: &Self) -> Option<Self>;
+    /// How much happened (events observed): ranks series for the series budget.
+    fn activity(&self) -> u64;
 }
 
-/// The kernel ABI's per-process aggregates already have `ZERO`, `add` and `checked_sub`.
+/// The kernel ABI's per-process aggregates already have `ZERO`, `add` and `checked_sub`;
+/// each names what counts as activity.
 macro_rules! counters_from_abi {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $activity:expr),* $(,)?) => {$(
         impl Counters for $t {
+            fn activity(&self) -> u64 {
+                let f: fn(&$t) -> u64 = $activity;
+                f(self)
+            }
             fn zero() -> Self {
                 Self::ZERO
             }
@@ -36,25 +43,58 @@ macro_rules! counters_from_abi {
 }
 
 counters_from_abi!(
-    SchedStats,
-    stallwatch_common::tcp::TcpStats,
-    stallwatch_common::gc::GcStats
+    SchedStats => |s| s.runq.count() + s.cswch_voluntary + s.cswch_involuntary,
+    stallwatch_common::tcp::TcpStats => |s| {
+        s.outbound.iter().chain(&s.inbound).sum::<u64>()
+            + s.rtt.count()
+            + s.retransmits
+            + s.resets_sent
+            + s.resets_received
+    },
+    stallwatch_common::gc::GcStats => |s| s.pause.iter().map(|h| h.count()).sum(),
 );
+
+/// What a process's cgroup says it belongs to: a container of a pod, or a systemd unit. Empty
+/// strings where the path says nothing. Pod, namespace and container names are looked up from
+/// these when series are rendered (the Kubernetes API may learn of a pod after its processes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    pub pod_uid: String,
+    pub container_id: String,
+    pub unit: String,
+}
 
 /// Who a process is, as far as labels go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     pub comm: String,
     pub cgroup: String,
+    pub owner: Owner,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeriesKey {
     pub comm: String,
     pub cgroup: String,
+    pub owner: Owner,
     /// Set only with `--per-pid`.
     pub pid: Option<u32>,
 }
+
+impl SeriesKey {
+    /// The series the series budget folds the least active keys into.
+    pub fn overflow() -> SeriesKey {
+        SeriesKey {
+            comm: OVERFLOW_COMM.into(),
+            cgroup: String::new(),
+            owner: Owner::default(),
+            pid: None,
+        }
+    }
+}
+
+/// `comm` of the overflow series.
+pub const OVERFLOW_COMM: &str = "_other";
 
 #[derive(Debug)]
 struct Tracked<V> {
@@ -112,6 +152,7 @@ impl<V: Counters> ProcessAggregator<V> {
         SeriesKey {
             comm: id.comm,
             cgroup: id.cgroup,
+            owner: id.owner,
             pid: self.per_pid.then_some(tgid),
         }
     }
@@ -280,6 +321,7 @@ mod tests {
         Identity {
             comm: comm.into(),
             cgroup: "/".into(),
+            owner: Owner::default(),
         }
     }
 

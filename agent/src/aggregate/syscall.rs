@@ -263,6 +263,10 @@ pub struct SyscallStats {
 }
 
 impl Counters for SyscallStats {
+    fn activity(&self) -> u64 {
+        self.latency.values().map(Hist::count).sum()
+    }
+
     fn zero() -> Self {
         SyscallStats::default()
     }

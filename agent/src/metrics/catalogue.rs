@@ -32,8 +32,18 @@ pub struct MetricDef {
     pub source: &'static str,
 }
 
-/// Labels every per-process series has, before `--per-pid` adds `pid`.
-pub const PROCESS_LABELS: &[&str] = &["comm", "cgroup"];
+/// Labels a per-process series can have, before `--per-pid` adds `pid`. Only `comm` and
+/// `cgroup` are always there; the others appear when the cgroup or the Kubernetes API says.
+pub const PROCESS_LABELS: &[&str] = &[
+    "comm",
+    "cgroup",
+    "namespace",
+    "pod",
+    "container",
+    "pod_uid",
+    "container_id",
+    "unit",
+];
 
 pub const RUNQUEUE_LATENCY: MetricDef = MetricDef {
     name: "stallwatch_runqueue_latency_seconds",
@@ -215,6 +225,43 @@ pub const TRACKED_PROCESSES: MetricDef = MetricDef {
     source: "agent",
 };
 
+pub const SERIES_OVERFLOW: MetricDef = MetricDef {
+    name: "stallwatch_series_overflow_total",
+    kind: Kind::Counter,
+    help: "Process series folded into the probe's overflow series (comm=\"_other\") because its metrics reached --max-series; sums over a metric stay exact.",
+    labels: &["probe"],
+    per_process: false,
+    source: "agent (series budget)",
+};
+
+pub const KUBERNETES_PODS: MetricDef = MetricDef {
+    name: "stallwatch_kubernetes_pods",
+    kind: Kind::Gauge,
+    help: "Pods on this node known from the Kubernetes API watch (names for the namespace, pod and container labels). Absent when the API is not used.",
+    labels: &[],
+    per_process: false,
+    source: "agent (Kubernetes pod watch, spec.nodeName)",
+};
+
+pub const KUBERNETES_SYNCED: MetricDef = MetricDef {
+    name: "stallwatch_kubernetes_synced",
+    kind: Kind::Gauge,
+    help: "1 while the Kubernetes pod watch is connected and has listed this node's pods, 0 while it is failing (names may be stale or missing).",
+    labels: &[],
+    per_process: false,
+    source: "agent (Kubernetes pod watch)",
+};
+
+pub const KUBERNETES_WATCH_ERRORS: MetricDef = MetricDef {
+    name: "stallwatch_kubernetes_watch_errors_total",
+    kind: Kind::Counter,
+    help:
+        "Failed Kubernetes API list/watch attempts (the agent retries with backoff and logs why).",
+    labels: &[],
+    per_process: false,
+    source: "agent (Kubernetes pod watch)",
+};
+
 pub const MAP_ENTRIES: MetricDef = MetricDef {
     name: "stallwatch_bpf_map_entries",
     kind: Kind::Gauge,
@@ -272,6 +319,10 @@ pub const ALL: &[&MetricDef] = &[
     &PROBE_ATTACHED,
     &EVENTS_DROPPED,
     &TRACKED_PROCESSES,
+    &SERIES_OVERFLOW,
+    &KUBERNETES_PODS,
+    &KUBERNETES_SYNCED,
+    &KUBERNETES_WATCH_ERRORS,
     &MAP_ENTRIES,
     &MAP_CAPACITY,
     &PROGRAM_RUN_SECONDS,
@@ -284,8 +335,12 @@ pub fn markdown() -> String {
         "# Metric catalogue\n\n\
          Generated from `agent/src/metrics/catalogue.rs`; `cargo test` fails when this file and the \
          code disagree (regenerate with `STALLWATCH_UPDATE_DOCS=1 cargo test -p stallwatch catalogue`).\n\n\
-         Per-process series carry `comm` and `cgroup` (the cgroup v2 path); `--per-pid` adds `pid`. \
-         Processes with the same comm in the same cgroup share a series. Durations are in seconds; \
+         Per-process series carry `comm` and `cgroup` (the host's cgroup v2 path); `--per-pid` adds `pid`. \
+         Processes with the same comm in the same cgroup share a series. Where the cgroup path names a \
+         container, they also carry `pod_uid` and `container_id`, and, once the Kubernetes pod watch \
+         knows the pod, `namespace`, `pod` and `container`; host services carry their systemd `unit`. \
+         Labels with no value are left out. Past `--max-series` process series per metric, the least \
+         active fold into one `comm=\"_other\"` series. Durations are in seconds; \
          histogram buckets are powers of two from 1.024 µs to 68.7 s.\n\n\
          | name | type | labels | help | source |\n|---|---|---|---|---|\n",
     );

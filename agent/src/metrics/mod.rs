@@ -94,16 +94,14 @@ impl Family {
 
 /// The scheduler probe's per-process families.
 pub fn sched_families(series: &[(SeriesKey, SchedStats)]) -> Vec<MetricFamily> {
+    let pods = pod_index();
     let mut runq = Family::new(&catalogue::RUNQUEUE_LATENCY);
     let mut offcpu_total = Family::new(&catalogue::OFFCPU_SECONDS);
     let mut offcpu_hist = Family::new(&catalogue::OFFCPU_DURATION);
     let mut cswch = Family::new(&catalogue::CONTEXT_SWITCHES);
     for (key, s) in series {
-        let pid = key.pid.map(|p| p.to_string());
-        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
-        if let Some(pid) = &pid {
-            labels.push(("pid", pid));
-        }
+        let owned = process_labels(key, &pods);
+        let labels = borrowed(&owned);
         runq.histogram(&labels, &s.runq);
         for reason in OffCpuReason::ALL {
             let h = &s.offcpu[reason as usize];
@@ -127,12 +125,41 @@ pub fn sched_families(series: &[(SeriesKey, SchedStats)]) -> Vec<MetricFamily> {
         .collect()
 }
 
-fn process_labels(key: &SeriesKey) -> (Option<String>, Vec<(&'static str, String)>) {
-    let pid = key.pid.map(|p| p.to_string());
-    (
-        pid,
-        vec![("comm", key.comm.clone()), ("cgroup", key.cgroup.clone())],
-    )
+fn pod_index() -> std::sync::RwLockReadGuard<'static, crate::attribution::kube::PodIndex> {
+    // A writer that panicked left a consistent map (each update is one insert or remove).
+    crate::attribution::kube::index()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// A process series' labels, in catalogue order (`PROCESS_LABELS`, then `pid`); labels with no
+/// value are left out. Pod, namespace and container names come from the pod watch's index.
+fn process_labels(
+    key: &SeriesKey,
+    pods: &crate::attribution::kube::PodIndex,
+) -> Vec<(&'static str, String)> {
+    let names = pods.lookup(&key.owner.pod_uid, &key.owner.container_id);
+    let mut out = vec![("comm", key.comm.clone()), ("cgroup", key.cgroup.clone())];
+    for (k, v) in [
+        ("namespace", names.namespace),
+        ("pod", names.pod),
+        ("container", names.container),
+        ("pod_uid", key.owner.pod_uid.as_str()),
+        ("container_id", key.owner.container_id.as_str()),
+        ("unit", key.owner.unit.as_str()),
+    ] {
+        if !v.is_empty() {
+            out.push((k, v.to_string()));
+        }
+    }
+    if let Some(pid) = key.pid {
+        out.push(("pid", pid.to_string()));
+    }
+    out
+}
+
+fn borrowed<'a>(labels: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    labels.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 /// The syscall probe's per-process families. Slots that label the same (several slots can
@@ -144,8 +171,9 @@ pub fn syscall_families(
     use std::collections::BTreeMap;
     let mut latency = Family::new(&catalogue::SYSCALL_LATENCY);
     let mut errors = Family::new(&catalogue::SYSCALL_ERRORS);
+    let pods = pod_index();
     for (key, s) in series {
-        let (pid, base) = process_labels(key);
+        let base = process_labels(key, &pods);
         let mut hists: BTreeMap<(Class, Option<String>), Hist> = BTreeMap::new();
         for (slot, h) in &s.latency {
             hists
@@ -162,14 +190,10 @@ pub fn syscall_families(
         }
         fn labels_for<'a>(
             base: &'a [(&'static str, String)],
-            pid: &'a Option<String>,
             class: Class,
             name: &'a Option<String>,
         ) -> Vec<(&'a str, &'a str)> {
-            let mut l: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            if let Some(pid) = &pid {
-                l.push(("pid", pid));
-            }
+            let mut l = borrowed(base);
             l.push(("class", class.label()));
             if let Some(n) = name {
                 l.push(("syscall", n));
@@ -177,10 +201,10 @@ pub fn syscall_families(
             l
         }
         for ((class, name), h) in &hists {
-            latency.histogram(&labels_for(&base, &pid, *class, name), h);
+            latency.histogram(&labels_for(&base, *class, name), h);
         }
         for ((class, name, errno), n) in &errs {
-            let mut l = labels_for(&base, &pid, *class, name);
+            let mut l = labels_for(&base, *class, name);
             l.push(("errno", errno));
             errors.value(&l, *n as f64);
         }
@@ -193,6 +217,7 @@ pub fn syscall_families(
 
 /// The TCP probe's per-process families.
 pub fn tcp_families(series: &[(SeriesKey, stallwatch_common::tcp::TcpStats)]) -> Vec<MetricFamily> {
+    let pods = pod_index();
     use stallwatch_common::tcp::{Inbound, Outbound};
     let mut connect = Family::new(&catalogue::TCP_CONNECT_LATENCY);
     let mut conns = Family::new(&catalogue::TCP_CONNECTIONS);
@@ -201,11 +226,8 @@ pub fn tcp_families(series: &[(SeriesKey, stallwatch_common::tcp::TcpStats)]) ->
     let mut retrans = Family::new(&catalogue::TCP_RETRANSMITS);
     let mut resets = Family::new(&catalogue::TCP_RESETS);
     for (key, s) in series {
-        let pid = key.pid.map(|p| p.to_string());
-        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
-        if let Some(pid) = &pid {
-            labels.push(("pid", pid));
-        }
+        let owned = process_labels(key, &pods);
+        let labels = borrowed(&owned);
         connect.histogram(&labels, &s.connect);
         accept.histogram(&labels, &s.accept_wait);
         rtt.histogram(&labels, &s.rtt);
@@ -239,6 +261,7 @@ pub fn gc_families(
     failures: &[((Option<stallwatch_common::gc::Runtime>, &'static str), u64)],
 ) -> Vec<MetricFamily> {
     use stallwatch_common::gc::{Cause, Runtime};
+    let pods = pod_index();
     let mut pause = Family::new(&catalogue::RUNTIME_PAUSE);
     let mut stop = Family::new(&catalogue::RUNTIME_STOP_LATENCY);
     let mut procs = Family::new(&catalogue::RUNTIME_PROCESSES);
@@ -247,11 +270,8 @@ pub fn gc_families(
         let Some(runtime) = Runtime::from_u32(s.runtime) else {
             continue;
         };
-        let pid = key.pid.map(|p| p.to_string());
-        let mut labels: Vec<(&str, &str)> = vec![("comm", &key.comm), ("cgroup", &key.cgroup)];
-        if let Some(pid) = &pid {
-            labels.push(("pid", pid));
-        }
+        let owned = process_labels(key, &pods);
+        let mut labels = borrowed(&owned);
         labels.push(("runtime", runtime.label()));
         for c in Cause::ALL {
             let h = &s.pause[c as usize];
@@ -305,6 +325,10 @@ mod tests {
         let key = SeriesKey {
             comm: "worker".into(),
             cgroup: "/system.slice/a.service".into(),
+            owner: crate::aggregate::Owner {
+                unit: "a.service".into(),
+                ..Default::default()
+            },
             pid: Some(7),
         };
         let text = encode(&sched_families(&[(key, s)]));
@@ -318,9 +342,9 @@ mod tests {
         let want = std::fs::read_to_string(path).unwrap_or_default();
         assert!(text == want, "exposition changed; got:\n{text}");
         assert!(text.contains(
-            "stallwatch_runqueue_latency_seconds_bucket{comm=\"worker\",cgroup=\"/system.slice/a.service\",pid=\"7\",le=\"0.000002048\"} 1"
+            "stallwatch_runqueue_latency_seconds_bucket{comm=\"worker\",cgroup=\"/system.slice/a.service\",unit=\"a.service\",pid=\"7\",le=\"0.000002048\"} 1"
         ));
-        assert!(text.contains("stallwatch_offcpu_seconds_total{comm=\"worker\",cgroup=\"/system.slice/a.service\",pid=\"7\",reason=\"voluntary\"} 0.05"));
+        assert!(text.contains("stallwatch_offcpu_seconds_total{comm=\"worker\",cgroup=\"/system.slice/a.service\",unit=\"a.service\",pid=\"7\",reason=\"voluntary\"} 0.05"));
     }
 
     fn golden(name: &str, text: &str) {
@@ -347,6 +371,7 @@ mod tests {
         let key = SeriesKey {
             comm: "client".into(),
             cgroup: "/".into(),
+            owner: Default::default(),
             pid: Some(42),
         };
         let text = encode(&tcp_families(&[(key, s)]));
@@ -363,6 +388,7 @@ mod tests {
         let key = SeriesKey {
             comm: "api".into(),
             cgroup: "/kubepods.slice/x".into(),
+            owner: Default::default(),
             pid: None,
         };
         let obs = |ns: &[u64]| {

@@ -231,7 +231,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
     let (tx, rx) = sync_channel(QUEUE);
     let not_runtime = Arc::new(Mutex::new(HashSet::new()));
     let state = Arc::new(Mutex::new(State {
-        ps: ProcessState::new(source, ctx.config.per_pid, ctx.config.exit_grace),
+        ps: ProcessState::new(source, ctx.config),
         disc: Discovery::default(),
         queue: tx,
         not_runtime: not_runtime.clone(),
@@ -683,5 +683,9 @@ impl super::Probe for GcProbe {
 
     fn tracked_processes(&self) -> usize {
         self.lock().disc.procs.len()
+    }
+
+    fn series_overflow(&self) -> Option<u64> {
+        Some(self.lock().ps.series_overflow())
     }
 }

@@ -167,4 +167,8 @@ impl super::Probe for LifecycleHealth {
     fn tracked_processes(&self) -> usize {
         0
     }
+
+    fn series_overflow(&self) -> Option<u64> {
+        None
+    }
 }

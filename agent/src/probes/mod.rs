@@ -43,6 +43,9 @@ pub trait Probe: Send + Sync {
     fn maps(&self) -> Vec<MapFill>;
     /// Processes this probe attributes data to.
     fn tracked_processes(&self) -> usize;
+    /// Process series folded into the overflow series (the series budget) so far; `None` for
+    /// a probe without process series.
+    fn series_overflow(&self) -> Option<u64>;
 }
 
 /// A started probe and the tasks it needs; `programs` names what attached.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use stallwatch_common::ProcEvent;
 
 use super::lifecycle::ProcessEvents;
-use crate::aggregate::{Counters, Identity, ProcessAggregator, SeriesKey};
+use crate::aggregate::{Budget, Counters, Identity, ProcessAggregator, SeriesKey};
 use crate::procfs::{self, CgroupResolver};
 
 /// How often tracked processes are checked against /proc for exits we were not told about.
@@ -114,12 +114,14 @@ fn unknown() -> Identity {
     Identity {
         comm: "_unknown".into(),
         cgroup: "_unknown".into(),
+        owner: Default::default(),
     }
 }
 
 pub struct ProcessState<S: Source> {
     pub source: S,
     pub agg: ProcessAggregator<S::Value>,
+    budget: Budget<S::Value>,
     cgroups: CgroupResolver,
     proc_root: PathBuf,
     unresolved: HashMap<u32, u32>,
@@ -132,10 +134,11 @@ pub struct ProcessState<S: Source> {
 }
 
 impl<S: Source> ProcessState<S> {
-    pub fn new(source: S, per_pid: bool, exit_grace: Duration) -> Self {
+    pub fn new(source: S, config: &crate::config::Config) -> Self {
         ProcessState {
             source,
-            agg: ProcessAggregator::new(per_pid, exit_grace),
+            agg: ProcessAggregator::new(config.per_pid, config.exit_grace),
+            budget: Budget::new(config.max_series as usize),
             cgroups: CgroupResolver::from_system(),
             proc_root: PathBuf::from("/proc"),
             unresolved: HashMap::new(),
@@ -157,12 +160,14 @@ impl<S: Source> ProcessState<S> {
     }
 
     fn identity_from_event(&mut self, ev: &ProcEvent) -> Identity {
+        let cgroup = self.cgroups.resolve(ev.cgroup_id);
         Identity {
             comm: procfs::comm_from_bytes(&ev.comm),
-            cgroup: self
-                .cgroups
-                .resolve(ev.cgroup_id)
-                .unwrap_or_else(|| "_unresolved".to_string()),
+            owner: cgroup
+                .as_deref()
+                .map(crate::attribution::owner_of_path)
+                .unwrap_or_default(),
+            cgroup: cgroup.unwrap_or_else(|| "_unresolved".to_string()),
         }
     }
 
@@ -249,8 +254,14 @@ impl<S: Source> ProcessState<S> {
         self.unresolved.remove(&tgid);
     }
 
-    pub fn series(&self) -> Vec<(SeriesKey, S::Value)> {
-        self.agg.series()
+    /// Every series, within the series budget.
+    pub fn series(&mut self) -> Vec<(SeriesKey, S::Value)> {
+        self.budget.apply(self.agg.series())
+    }
+
+    /// Process series folded into the overflow series so far.
+    pub fn series_overflow(&self) -> u64 {
+        self.budget.overflowed
     }
 
     /// Tracks the processes alive at start while their /proc entries can still be read.
@@ -276,6 +287,7 @@ impl<S: Source> ProcessEvents for ProcessState<S> {
             let mut id = self.identity_from_event(ev);
             if let Some(live) = procfs::identity(&self.proc_root, ev.tgid) {
                 id.cgroup = live.cgroup;
+                id.owner = live.owner;
             }
             self.agg.on_exec(ev.tgid, current, id, now);
         }

@@ -129,11 +129,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
     let mut source = SchedSource::new(PerCpuHashMap::try_from(map)?);
     let existing = prepopulate(&mut source, ctx.config.max_processes)?;
     log::debug!("pre-created {existing} per-process entries");
-    let state = Arc::new(Mutex::new(ProcessState::new(
-        source,
-        ctx.config.per_pid,
-        ctx.config.exit_grace,
-    )));
+    let state = Arc::new(Mutex::new(ProcessState::new(source, ctx.config)));
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
     let mut programs = attach(ctx.ebpf, ctx.kernel, ctx.config.legacy_sched_switch)?;
@@ -195,5 +191,9 @@ impl super::Probe for SchedProbe {
 
     fn tracked_processes(&self) -> usize {
         self.lock().agg.tracked_processes()
+    }
+
+    fn series_overflow(&self) -> Option<u64> {
+        Some(self.lock().series_overflow())
     }
 }

@@ -343,11 +343,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         error_entries: 0,
     };
     let slow = RingBuf::try_from(take(ctx.ebpf, names::MAP_SC_SLOW)?)?;
-    let state = Arc::new(Mutex::new(ProcessState::new(
-        source,
-        config.per_pid,
-        config.exit_grace,
-    )));
+    let state = Arc::new(Mutex::new(ProcessState::new(source, config)));
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
     attach_tp_btf(ctx.ebpf, ctx.kernel, names::PROG_SYS_EXIT, "sys_exit")?;
@@ -431,6 +427,10 @@ impl super::Probe for SyscallsProbe {
 
     fn tracked_processes(&self) -> usize {
         self.lock().agg.tracked_processes()
+    }
+
+    fn series_overflow(&self) -> Option<u64> {
+        Some(self.lock().series_overflow())
     }
 }
 

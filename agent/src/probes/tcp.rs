@@ -43,11 +43,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
         .take_map(names::MAP_PROC_TCP)
         .with_context(|| format!("map {} missing from the eBPF object", names::MAP_PROC_TCP))?;
     let source = TcpSource::new(PerCpuHashMap::try_from(map)?);
-    let state = Arc::new(Mutex::new(ProcessState::new(
-        source,
-        ctx.config.per_pid,
-        ctx.config.exit_grace,
-    )));
+    let state = Arc::new(Mutex::new(ProcessState::new(source, ctx.config)));
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
     let mut programs = Vec::new();
@@ -151,5 +147,9 @@ impl super::Probe for TcpProbe {
 
     fn tracked_processes(&self) -> usize {
         self.lock().agg.tracked_processes()
+    }
+
+    fn series_overflow(&self) -> Option<u64> {
+        Some(self.lock().series_overflow())
     }
 }

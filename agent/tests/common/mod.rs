@@ -33,9 +33,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(extra: &[&str]) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stallwatch"))
-            .args(["run", "--listen", "127.0.0.1:0"])
-            .args(extra)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stallwatch"));
+        cmd.args(["run", "--listen", "127.0.0.1:0"]).args(extra);
+        Agent::spawn(cmd)
+    }
+
+    /// Starts `cmd` (which must end up exec'ing `stallwatch run --listen 127.0.0.1:0 ...`) and
+    /// waits until it listens and is ready.
+    pub fn spawn(mut cmd: Command) -> Agent {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
