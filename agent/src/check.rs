@@ -143,6 +143,18 @@ pub fn run(mut config: Config) -> bool {
             Err(e) => format!("{e}: the gc probe cannot attach"),
         },
     );
+    let uprobe_caps = has_cap(caps, CAP_SYS_ADMIN);
+    line(
+        uprobe_caps,
+        false,
+        "uprobe caps",
+        if uprobe_caps {
+            "CAP_SYS_ADMIN held: the gc probe can create uprobes"
+        } else {
+            "no CAP_SYS_ADMIN: the kernel's uprobe PMU requires it, so the gc probe cannot measure \
+             runtime pauses (the other probes are unaffected)"
+        },
+    );
     let object = crate::embedded::object();
     line(
         object.is_ok(),

@@ -374,6 +374,10 @@ fn check_passes_as_root_and_names_a_missing_capability() {
         text.contains("FAIL capabilities") && text.contains("CAP_BPF"),
         "{text}"
     );
+    assert!(
+        text.contains("warn uprobe caps") && text.contains("CAP_SYS_ADMIN"),
+        "the gc probe's need is named too:\n{text}"
+    );
 }
 
 #[test]
