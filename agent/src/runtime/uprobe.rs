@@ -13,8 +13,9 @@ use std::path::Path;
 
 const PMU_DIR: &str = "/sys/bus/event_source/devices/uprobe";
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+// `libc::Ioctl`: c_ulong on glibc, c_int on musl.
+const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400;
+const PERF_EVENT_IOC_SET_BPF: libc::Ioctl = 0x4004_2408u32 as libc::Ioctl;
 
 /// `struct perf_event_attr` up to `config2` (PERF_ATTR_SIZE_VER1).
 #[repr(C)]
