@@ -142,6 +142,10 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     registry
         .register(Box::new(app::AppCollector::new(app.clone())))
         .context("registering the collector")?;
+    // The agent's own CPU, memory, fds and threads (process_*), for its health dashboard.
+    registry
+        .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        .context("registering the process collector")?;
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
