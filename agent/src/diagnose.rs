@@ -678,6 +678,8 @@ pub fn run(args: &Args) -> anyhow::Result<String> {
         per_pid: true,
         // Scoped to the target, so per-syscall series are few: the slowest syscalls by name.
         syscall_names: true,
+        // Every pid keeps its own series: diagnose reads per-pid deltas.
+        max_series: 0,
         ..Config::default()
     };
     let (target, pids) = match (&args.pid, &args.comm, &args.cgroup) {

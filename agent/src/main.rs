@@ -116,6 +116,22 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
         tasks.push(watch);
         app.kubernetes = true;
     }
+    let app = Arc::new(app);
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(app::AppCollector::new(app.clone())))
+        .context("registering the collector")?;
+    // The agent's own CPU, memory, fds and threads (process_*), for its health dashboard.
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering the process collector")?;
+    let shutdown = shutdown_signal()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding --listen {listen}"))?;
+    // After binding (a port below 1024 needs CAP_NET_BIND_SERVICE), before serving.
     if app.config.drop_capabilities {
         let keep = privileges::keep_set(&app.config);
         for (cap, why) in &keep {
@@ -137,19 +153,6 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
             Err(e) => log::warn!("capabilities not dropped: {e:#}"),
         }
     }
-    let app = Arc::new(app);
-    let registry = prometheus::Registry::new();
-    registry
-        .register(Box::new(app::AppCollector::new(app.clone())))
-        .context("registering the collector")?;
-    // The agent's own CPU, memory, fds and threads (process_*), for its health dashboard.
-    registry
-        .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-        .context("registering the process collector")?;
-    let shutdown = shutdown_signal()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding --listen {listen}"))?;
     log::info!("listening on {}", listener.local_addr()?);
     let mut background = tokio::task::JoinSet::new();
     for t in tasks {

@@ -116,7 +116,11 @@ fn apply_to_this_thread() {
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
+    // The interrupted code may be about to read errno; the syscalls here can change it.
+    // SAFETY: errno is thread-local; the pointer is valid for this thread.
+    let saved = unsafe { *libc::__errno_location() };
     apply_to_this_thread();
+    unsafe { *libc::__errno_location() = saved };
 }
 
 fn mask(set: &HashSet<Capability>) -> u64 {
@@ -216,7 +220,8 @@ pub fn drop_to(keep: &[Capability]) -> anyhow::Result<Dropped> {
                         let name = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
                             .unwrap_or_default();
                         anyhow::bail!(
-                            "thread {tid} ({}) did not drop its capabilities (signal blocked?)",
+                            "capabilities only partly dropped: thread {tid} ({}) did not \
+                             (signal blocked?)",
                             name.trim()
                         );
                     }
@@ -225,6 +230,17 @@ pub fn drop_to(keep: &[Capability]) -> anyhow::Result<Dropped> {
             }
             done.insert(tid);
         }
+    }
+    // Every thread there is now, whoever started it, has exactly the target.
+    let stragglers: Vec<String> = thread_ids()
+        .into_iter()
+        .filter(|t| thread_caps(t).is_some_and(|(eff, prm)| eff != want || prm != want))
+        .collect();
+    if !stragglers.is_empty() {
+        anyhow::bail!(
+            "capabilities only partly dropped: threads {} still hold more",
+            stragglers.join(", ")
+        );
     }
     if FAILED.load(Ordering::SeqCst) > 0 {
         anyhow::bail!(

@@ -355,6 +355,8 @@ fn start_app() -> anyhow::Result<(App, tokio::runtime::Runtime)> {
     let config = Config {
         probes: vec!["sched".into(), "syscalls".into(), "tcp".into(), "gc".into()],
         per_pid: true,
+        // Every process keeps its own row (no `_other` fold).
+        max_series: 0,
         ..Config::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -57,14 +57,23 @@ pub fn run() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut built = Vec::new();
     for p in PLATFORMS {
-        build::ebpf(&EbpfArgs {
+        let object = build::ebpf(&EbpfArgs {
             arch: Some(p.arch),
             ..Default::default()
         })?;
         let mut cargo = Command::new("cargo");
         cargo
             .current_dir(root())
-            .args(["build", "--release", "-p", "stallwatch", "--bin", "stallwatch"])
+            // This architecture's object, whatever the environment says.
+            .env("STALLWATCH_EBPF_OBJ", &object)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "stallwatch",
+                "--bin",
+                "stallwatch",
+            ])
             .args(["--target", p.triple])
             // Symbols stay (profiles, backtraces); DWARF goes: a third of the size.
             .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
@@ -257,14 +266,21 @@ mod tests {
     fn a_dynamic_or_foreign_binary_is_refused() {
         // This test binary itself: dynamically linked (glibc), so it has an interpreter.
         let me = std::env::current_exe().unwrap();
-        let host = if cfg!(target_arch = "aarch64") { 183 } else { 62 };
+        let host = if cfg!(target_arch = "aarch64") {
+            183
+        } else {
+            62
+        };
         let e = check_static(&me, host).unwrap_err();
         assert!(e.to_string().contains("dynamically linked"), "{e}");
         let other = if host == 62 { 183 } else { 62 };
         let e = check_static(&me, other).unwrap_err();
         assert!(e.to_string().contains("ELF machine"), "{e}");
-        let e = check_static(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")), host)
-            .unwrap_err();
+        let e = check_static(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")),
+            host,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not a little-endian"), "{e}");
     }
 }

@@ -26,8 +26,8 @@ struct KeyState<V> {
 pub struct Budget<V> {
     cap: usize,
     keys: HashMap<SeriesKey, KeyState<V>>,
-    /// What keys that have since expired left in `_other`.
-    retired: V,
+    /// What keys that have since expired (or restarted) left in `_other`, by fold class.
+    retired: HashMap<u32, V>,
     /// Series folded so far (`stallwatch_series_overflow_total`).
     pub overflowed: u64,
 }
@@ -38,7 +38,7 @@ impl<V: Counters> Budget<V> {
         Budget {
             cap,
             keys: HashMap::new(),
-            retired: V::zero(),
+            retired: HashMap::new(),
             overflowed: 0,
         }
     }
@@ -49,21 +49,35 @@ impl<V: Counters> Budget<V> {
         self.keys.values().filter(|k| !k.visible).count()
     }
 
+    fn retire(retired: &mut HashMap<u32, V>, st: &KeyState<V>) {
+        let part = if st.visible { &st.offset } else { &st.last };
+        if *part != V::zero() {
+            retired
+                .entry(part.fold_class())
+                .or_insert_with(V::zero)
+                .add(part);
+        }
+    }
+
     /// Caps `series` (every series of one metric, as the aggregator has them now). The result
-    /// is sorted by key, the overflow series (if any) among them.
+    /// is sorted by key; overflow series (one per fold class) sort among them.
     pub fn apply(&mut self, series: Vec<(SeriesKey, V)>) -> Vec<(SeriesKey, V)> {
         if self.cap == 0 {
             return series;
         }
         let present: HashMap<SeriesKey, V> = series.into_iter().collect();
-        // Expired keys: what they had in `_other` stays there.
+        // Keys that expired, or whose value went backwards (the aggregator dropped the series
+        // and made a new one between two scrapes): what they had in `_other` stays there, and
+        // a restarted key starts over as a new one.
         let retired = &mut self.retired;
         self.keys.retain(|k, st| {
-            if present.contains_key(k) {
-                return true;
+            let keep = present
+                .get(k)
+                .is_some_and(|now| now.checked_sub(&st.last).is_some());
+            if !keep {
+                Self::retire(retired, st);
             }
-            retired.add(if st.visible { &st.offset } else { &st.last });
-            false
+            keep
         });
         // Rank by activity since the last apply; visible keys count double (hysteresis),
         // then visible first, then by key so the choice is deterministic.
@@ -86,35 +100,48 @@ impl<V: Counters> Budget<V> {
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(b.0)));
         let mut out = Vec::with_capacity(ranked.len().min(self.cap) + 1);
         let mut other = self.retired.clone();
-        let mut any_folded = false;
+        let mut folded_any = false;
         for (rank, (k, _, _)) in ranked.into_iter().enumerate() {
             let now = present[k].clone();
             let show = rank < self.cap;
-            let st = self.keys.entry(k.clone()).or_insert_with(|| KeyState {
-                visible: show,
-                offset: V::zero(),
-                last: V::zero(),
-            });
+            let st = match self.keys.entry(k.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if !show {
+                        self.overflowed += 1; // folded at first sight
+                    }
+                    e.insert(KeyState {
+                        visible: show,
+                        offset: V::zero(),
+                        last: V::zero(),
+                    })
+                }
+            };
             if show && !st.visible {
                 // Back from `_other`: shown from here on, what it had stays in `_other`.
                 st.offset = now.clone();
             }
-            if !show && (st.visible || st.last == V::zero() && st.offset == V::zero()) {
+            if !show && st.visible {
                 self.overflowed += 1;
             }
             st.visible = show;
+            let class = now.fold_class();
             if show {
-                other.add(&st.offset);
+                if st.offset != V::zero() {
+                    other.entry(class).or_insert_with(V::zero).add(&st.offset);
+                }
                 let shown = now.checked_sub(&st.offset).unwrap_or_else(V::zero);
                 out.push((k.clone(), shown));
             } else {
-                other.add(&now);
-                any_folded = true;
+                other.entry(class).or_insert_with(V::zero).add(&now);
+                folded_any = true;
             }
             st.last = now;
         }
-        if any_folded || other != V::zero() {
-            out.push((SeriesKey::overflow(), other));
+        if folded_any || !other.is_empty() {
+            let mut classes: Vec<_> = other.into_iter().collect();
+            classes.sort_by_key(|(c, _)| *c);
+            out.extend(classes.into_iter().map(|(_, v)| (SeriesKey::overflow(), v)));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -202,6 +229,51 @@ mod tests {
         assert_eq!(total(&out), 511 + 30);
         assert_eq!(b.overflowed, 2);
         assert_eq!(b.folded(), 0);
+    }
+
+    #[test]
+    fn a_key_whose_value_went_backwards_starts_over_and_other_stays_monotonic() {
+        let mut b = Budget::new(1);
+        b.apply(vec![(key("a"), v(100)), (key("b"), v(50))]);
+        // b's series was dropped and made again between two scrapes: smaller value.
+        let out = b.apply(vec![(key("a"), v(110)), (key("b"), v(3))]);
+        assert_eq!(value(&out, OVERFLOW_COMM), Some(53));
+        let out = b.apply(vec![(key("a"), v(120)), (key("b"), v(4))]);
+        assert_eq!(value(&out, OVERFLOW_COMM), Some(54));
+    }
+
+    #[test]
+    fn idle_folded_keys_are_counted_once() {
+        let mut b = Budget::new(1);
+        for _ in 0..5 {
+            b.apply(vec![(key("a"), v(1)), (key("b"), v(0))]);
+        }
+        assert_eq!(b.overflowed, 1);
+    }
+
+    #[test]
+    fn runtimes_fold_into_an_overflow_series_each() {
+        use stallwatch_common::gc::GcStats;
+        let gc = |runtime: u32, pauses: u64| {
+            let mut s = GcStats::ZERO;
+            s.runtime = runtime;
+            for _ in 0..pauses {
+                s.pause[0].observe(1000);
+            }
+            s
+        };
+        let mut b = Budget::new(1);
+        let out = b.apply(vec![
+            (key("go"), gc(1, 10)),
+            (key("jvm"), gc(2, 3)),
+            (key("py"), gc(3, 2)),
+        ]);
+        let others: Vec<(u32, u64)> = out
+            .iter()
+            .filter(|(k, _)| k.comm == OVERFLOW_COMM)
+            .map(|(_, s)| (s.runtime, s.pause[0].count()))
+            .collect();
+        assert_eq!(others, vec![(2, 3), (3, 2)]);
     }
 
     #[test]

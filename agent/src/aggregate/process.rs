@@ -18,6 +18,11 @@ pub trait Counters: Clone + PartialEq + std::fmt::Debug {
     fn checked_sub(&self, earlier: &Self) -> Option<Self>;
     /// How much happened (events observed): ranks series for the series budget.
     fn activity(&self) -> u64;
+    /// Values of different classes are never summed into one overflow series (the gc
+    /// probe's runtimes: a series' `runtime` label comes from its value).
+    fn fold_class(&self) -> u32 {
+        0
+    }
 }
 
 /// The kernel ABI's per-process aggregates already have `ZERO`, `add` and `checked_sub`;
@@ -28,6 +33,9 @@ macro_rules! counters_from_abi {
             fn activity(&self) -> u64 {
                 let f: fn(&$t) -> u64 = $activity;
                 f(self)
+            }
+            fn fold_class(&self) -> u32 {
+                fold_class_of(self)
             }
             fn zero() -> Self {
                 Self::ZERO
@@ -40,6 +48,23 @@ macro_rules! counters_from_abi {
             }
         }
     )*};
+}
+
+/// The overflow class of a kernel aggregate: its runtime for the gc probe's, 0 otherwise.
+trait FoldClass {
+    fn class(&self) -> u32 {
+        0
+    }
+}
+impl FoldClass for SchedStats {}
+impl FoldClass for stallwatch_common::tcp::TcpStats {}
+impl FoldClass for stallwatch_common::gc::GcStats {
+    fn class(&self) -> u32 {
+        self.runtime
+    }
+}
+fn fold_class_of(v: &impl FoldClass) -> u32 {
+    v.class()
 }
 
 counters_from_abi!(

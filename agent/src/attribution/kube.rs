@@ -17,8 +17,12 @@ use crate::config::{Config, KubernetesMode};
 pub struct PodNames {
     pub namespace: String,
     pub name: String,
-    /// Container id (hex, no `containerd://` prefix) to container name.
+    /// Container id (hex, no `containerd://` prefix) to container name, including the
+    /// previous instance of a restarted container.
     pub containers: HashMap<String, String>,
+    /// When the pod was deleted (or vanished from a relist): its names stay resolvable while
+    /// its processes' series may still be exported (`--exit-grace`).
+    pub deleted: Option<Instant>,
 }
 
 /// What the labels of one series get from the index.
@@ -37,6 +41,8 @@ pub struct PodIndex {
     /// Watch errors so far (connection refused, 403, ...).
     errors: u64,
     last_error: Option<(Instant, String)>,
+    /// How long a deleted pod's names stay.
+    keep_deleted: Duration,
 }
 
 impl PodIndex {
@@ -51,8 +57,9 @@ impl PodIndex {
         }
     }
 
+    /// Pods on the node now (not counting deleted ones kept for their names).
     pub fn pods(&self) -> usize {
-        self.by_uid.len()
+        self.by_uid.values().filter(|p| p.deleted.is_none()).count()
     }
 
     pub fn synced(&self) -> bool {
@@ -69,10 +76,33 @@ impl PodIndex {
         }
     }
 
-    fn delete(&mut self, pod: &Pod) {
+    fn delete(&mut self, pod: &Pod, now: Instant) {
         for (uid, _) in names_of(pod) {
-            self.by_uid.remove(&uid);
+            if let Some(p) = self.by_uid.get_mut(&uid) {
+                p.deleted.get_or_insert(now);
+            }
         }
+        self.purge(now);
+    }
+
+    /// A complete list: pods not in it were deleted while the watch was down.
+    fn replace(&mut self, fresh: HashMap<String, PodNames>, now: Instant) {
+        let mut old = std::mem::replace(&mut self.by_uid, fresh);
+        for (uid, mut p) in old.drain() {
+            if !self.by_uid.contains_key(&uid) {
+                p.deleted.get_or_insert(now);
+                self.by_uid.insert(uid, p);
+            }
+        }
+        self.purge(now);
+    }
+
+    fn purge(&mut self, now: Instant) {
+        let keep = self.keep_deleted;
+        self.by_uid.retain(|_, p| {
+            p.deleted
+                .is_none_or(|t| now.saturating_duration_since(t) < keep)
+        });
     }
 }
 
@@ -106,7 +136,12 @@ pub fn names_of(pod: &Pod) -> Vec<(String, PodNames)> {
             status.ephemeral_container_statuses.as_deref(),
         ];
         for s in all.into_iter().flatten().flatten() {
-            if let Some(id) = s.container_id.as_deref() {
+            let previous = s
+                .last_state
+                .as_ref()
+                .and_then(|l| l.terminated.as_ref())
+                .and_then(|t| t.container_id.as_deref());
+            for id in [s.container_id.as_deref(), previous].into_iter().flatten() {
                 containers.insert(bare_container_id(id).to_string(), s.name.clone());
             }
         }
@@ -115,6 +150,7 @@ pub fn names_of(pod: &Pod) -> Vec<(String, PodNames)> {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
         name: pod.metadata.name.clone().unwrap_or_default(),
         containers,
+        deleted: None,
     };
     let mirror = pod
         .metadata
@@ -160,31 +196,33 @@ pub async fn start(config: &Config) -> Option<crate::probes::Task> {
         }
     };
     log::info!("Kubernetes: watching pods on node {node}");
+    index()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .keep_deleted = config.exit_grace;
     Some(Box::pin(async move { watch(client, node).await }))
 }
 
-/// Runs the watch forever: errors are counted and logged (at most once a minute) and the
-/// watcher retries with backoff; the index keeps what it knew meanwhile.
+/// Runs the watch forever. A failure (connection refused, 403, a dropped stream) is counted
+/// and logged (at most once a minute); the watch then starts over with a full list 5 s later,
+/// so `synced` says whether the index is complete. The index keeps what it knew meanwhile.
 async fn watch(client: kube::Client, node: String) -> anyhow::Result<()> {
     loop {
         watch_once(client.clone(), &node).await;
-        log::warn!("Kubernetes: pod watch stream ended; restarting it in 5s");
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
 async fn watch_once(client: kube::Client, node: &str) {
-    use kube::runtime::WatchStreamExt;
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let mut stream = watcher(pods, cfg)
-        .default_backoff()
-        .map_err(anyhow::Error::from)
-        .boxed();
+    let mut stream = watcher(pods, cfg).map_err(anyhow::Error::from).boxed();
     // A relist builds a fresh index and swaps it in when complete.
     let mut relist: Option<HashMap<String, PodNames>> = None;
     while let Some(ev) = stream.next().await {
-        let mut idx = index().write().expect("pod index lock poisoned");
+        let now = Instant::now();
+        // A writer that panicked left a consistent map (each change is whole).
+        let mut idx = index().write().unwrap_or_else(|e| e.into_inner());
         match ev {
             Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
             Ok(watcher::Event::InitApply(pod)) => {
@@ -194,7 +232,7 @@ async fn watch_once(client: kube::Client, node: &str) {
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some(fresh) = relist.take() {
-                    idx.by_uid = fresh;
+                    idx.replace(fresh, now);
                 }
                 if !idx.synced {
                     log::info!("Kubernetes: {} pods on node {node}", idx.by_uid.len());
@@ -202,7 +240,7 @@ async fn watch_once(client: kube::Client, node: &str) {
                 idx.synced = true;
             }
             Ok(watcher::Event::Apply(pod)) => idx.apply(&pod),
-            Ok(watcher::Event::Delete(pod)) => idx.delete(&pod),
+            Ok(watcher::Event::Delete(pod)) => idx.delete(&pod, now),
             Err(e) => {
                 idx.errors += 1;
                 idx.synced = false;
@@ -211,12 +249,16 @@ async fn watch_once(client: kube::Client, node: &str) {
                     .as_ref()
                     .is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(60));
                 if !quiet {
-                    log::warn!("Kubernetes: pod watch failed (retrying): {e:#}");
+                    log::warn!("Kubernetes: pod watch failed (listing again in 5 s): {e:#}");
                 }
-                idx.last_error = Some((Instant::now(), format!("{e:#}")));
+                idx.last_error = Some((now, format!("{e:#}")));
+                return;
             }
         }
     }
+    let mut idx = index().write().unwrap_or_else(|e| e.into_inner());
+    idx.synced = false;
+    log::warn!("Kubernetes: pod watch stream ended; listing again in 5 s");
 }
 
 #[cfg(test)]
@@ -255,8 +297,36 @@ mod tests {
         assert_eq!(idx.lookup(&uid, "ffff").container, "");
         assert_eq!(idx.lookup(&uid, "ffff").pod, "web-0");
         assert_eq!(idx.lookup("other", "aa11"), Names::default());
-        idx.delete(&pod);
+        // Deleted: counted no more, names kept for the series that outlive it, then purged.
+        let t0 = Instant::now();
+        idx.keep_deleted = Duration::from_secs(300);
+        idx.delete(&pod, t0);
         assert_eq!(idx.pods(), 0);
+        assert_eq!(idx.lookup(&uid, "aa11").container, "app");
+        idx.purge(t0 + Duration::from_secs(301));
+        assert_eq!(idx.lookup(&uid, "aa11"), Names::default());
+    }
+
+    #[test]
+    fn a_relist_keeps_vanished_pods_as_deleted_and_restarted_containers_keep_their_name() {
+        let mut json = pod_json();
+        json["status"]["containerStatuses"][0]["lastState"] = serde_json::json!(
+            {"terminated": {"exitCode": 137, "containerID": "containerd://old1"}}
+        );
+        let pod: Pod = serde_json::from_value(json).unwrap();
+        let uid = "0b4a7b3e-5d2f-4c4e-9a53-5b1f2c3d4e5f";
+        let mut idx = PodIndex {
+            keep_deleted: Duration::from_secs(300),
+            ..PodIndex::default()
+        };
+        idx.apply(&pod);
+        assert_eq!(idx.lookup(uid, "old1").container, "app");
+        let t0 = Instant::now();
+        idx.replace(HashMap::new(), t0);
+        assert_eq!(idx.pods(), 0);
+        assert_eq!(idx.lookup(uid, "aa11").pod, "web-0");
+        idx.replace(HashMap::new(), t0 + Duration::from_secs(400));
+        assert_eq!(idx.lookup(uid, "aa11"), Names::default());
     }
 
     #[test]
@@ -272,7 +342,7 @@ mod tests {
                 .container,
             "app"
         );
-        idx.delete(&pod);
+        idx.delete(&pod, Instant::now());
         assert_eq!(idx.pods(), 0);
     }
 }

@@ -99,6 +99,12 @@ impl NsRoot {
         let below = crate::procfs::parse_cgroup_v2(&own)
             .unwrap_or("/")
             .to_string();
+        if below.starts_with("/..") {
+            anyhow::bail!(
+                "this process sits outside its own cgroup namespace ({below}); cannot tell its \
+                 host cgroup path"
+            );
+        }
         let mut stack = vec![root.to_path_buf()];
         let mut seen = 0usize;
         while let Some(dir) = stack.pop() {
@@ -110,6 +116,16 @@ impl NsRoot {
                 .is_ok_and(|procs| procs.lines().any(|l| l == me));
             if listed {
                 let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
+                if rel.as_os_str().is_empty() {
+                    // The hierarchy's root holds us: it is our own namespace's view (the
+                    // container's /sys/fs/cgroup), not the host's.
+                    anyhow::bail!(
+                        "{} shows this container's own cgroup, not the host's hierarchy: mount \
+                         the host's /sys/fs/cgroup read-only and pass --cgroup-root (the \
+                         DaemonSet mounts it at /host/sys/fs/cgroup)",
+                        root.display()
+                    );
+                }
                 let host = join("/", &rel.to_string_lossy());
                 let ns = host
                     .strip_suffix(below.trim_end_matches('/'))
@@ -260,6 +276,19 @@ mod tests {
         std::fs::write(dir.join("1/cgroup"), "0::/../../init.scope\n").unwrap();
         let e = NsRoot::detect(&dir, None).unwrap_err();
         assert!(e.to_string().contains("--cgroup-root"), "{e}");
+        // A hierarchy whose root lists us is our own container's view, not the host's.
+        std::fs::create_dir_all(dir.join("self")).unwrap();
+        std::fs::write(dir.join("self/cgroup"), "0::/\n").unwrap();
+        let cg = dir.join("cg");
+        std::fs::create_dir_all(cg.join("pod/ctr")).unwrap();
+        std::fs::write(cg.join("cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
+        let e = NsRoot::detect(&dir, Some(&cg)).unwrap_err();
+        assert!(e.to_string().contains("not the host's hierarchy"), "{e}");
+        // The host's hierarchy: we are listed in pod/ctr, which is our namespace root.
+        std::fs::write(cg.join("cgroup.procs"), "1\n").unwrap();
+        std::fs::write(cg.join("pod/ctr/cgroup.procs"), format!("{}\n", std::process::id()))
+            .unwrap();
+        assert_eq!(NsRoot::detect(&dir, Some(&cg)).unwrap(), NsRoot::new("/pod/ctr"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

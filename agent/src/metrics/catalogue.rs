@@ -340,7 +340,7 @@ pub fn markdown() -> String {
          container, they also carry `pod_uid` and `container_id`, and, once the Kubernetes pod watch \
          knows the pod, `namespace`, `pod` and `container`; host services carry their systemd `unit`. \
          Labels with no value are left out. Past `--max-series` process series per metric, the least \
-         active fold into one `comm=\"_other\"` series. Durations are in seconds; \
+         active fold into one `comm=\"_other\"` series (one per runtime for the gc probe). Durations are in seconds; \
          histogram buckets are powers of two from 1.024 µs to 68.7 s. The agent also exports the \
          standard `process_*` metrics of its own process (CPU seconds, resident memory, open fds, \
          threads, start time).\n\n\
