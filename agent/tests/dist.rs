@@ -35,9 +35,7 @@ fn sha256(path: &Path) -> String {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n{}{}",
@@ -52,7 +50,10 @@ fn run(cmd: &mut Command) -> String {
 fn the_binaries_are_static_for_their_architecture_and_match_their_checksums() {
     let Some(dir) = dist() else { return };
     let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
-    for (arch, want) in [("amd64", Architecture::X86_64), ("arm64", Architecture::Aarch64)] {
+    for (arch, want) in [
+        ("amd64", Architecture::X86_64),
+        ("arm64", Architecture::Aarch64),
+    ] {
         let path = dir.join(format!("stallwatch-linux-{arch}"));
         let data = std::fs::read(&path).unwrap();
         let elf = object::File::parse(&*data).unwrap();
@@ -76,7 +77,10 @@ fn the_binaries_are_static_for_their_architecture_and_match_their_checksums() {
             "{arch}: its eBPF object is not embedded"
         );
         let line = format!("{}  stallwatch-linux-{arch}", sha256(&path));
-        assert!(sums.lines().any(|l| l == line), "{line} not in SHA256SUMS:\n{sums}");
+        assert!(
+            sums.lines().any(|l| l == line),
+            "{line} not in SHA256SUMS:\n{sums}"
+        );
     }
 }
 
@@ -129,7 +133,10 @@ fn the_arm64_binary_runs_and_reads_an_arm64_go_binary_as_the_native_agent_does()
         .arg(&go_arm64));
     let emulated = arm64(&[Path::new("runtime"), &go_arm64]);
     assert!(native.contains("go"), "{native}");
-    assert_eq!(emulated, native, "the arm64 agent reads the file as the native one");
+    assert_eq!(
+        emulated, native,
+        "the arm64 agent reads the file as the native one"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -138,9 +145,17 @@ fn blob(layout: &Path, desc: &serde_json::Value) -> Vec<u8> {
     let digest = desc["digest"].as_str().unwrap();
     let hex = digest.strip_prefix("sha256:").unwrap();
     let path = layout.join("blobs/sha256").join(hex);
-    assert_eq!(sha256(&path), hex, "blob {digest} does not match its digest");
+    assert_eq!(
+        sha256(&path),
+        hex,
+        "blob {digest} does not match its digest"
+    );
     let data = std::fs::read(&path).unwrap();
-    assert_eq!(data.len() as u64, desc["size"].as_u64().unwrap(), "{digest} size");
+    assert_eq!(
+        data.len() as u64,
+        desc["size"].as_u64().unwrap(),
+        "{digest} size"
+    );
     data
 }
 
@@ -191,7 +206,11 @@ fn the_oci_image_holds_each_architectures_binary_and_copies_cleanly() {
     let _ = std::fs::remove_dir_all(&out);
     run(Command::new("skopeo")
         .args(["copy", "--quiet", "--all"])
-        .arg(format!("oci:{}:{}", layout.display(), env!("CARGO_PKG_VERSION")))
+        .arg(format!(
+            "oci:{}:{}",
+            layout.display(),
+            env!("CARGO_PKG_VERSION")
+        ))
         .arg(format!("oci:{}:copy", out.display())));
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -239,7 +239,11 @@ pub fn dist_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("installing: rust targets {}", missing.join(" "));
-    cmd::run(Command::new("rustup").args(["target", "add"]).args(&missing))
+    cmd::run(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )
 }
 
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
