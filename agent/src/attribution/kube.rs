@@ -89,9 +89,9 @@ impl PodIndex {
     fn replace(&mut self, fresh: HashMap<String, PodNames>, now: Instant) {
         let mut old = std::mem::replace(&mut self.by_uid, fresh);
         for (uid, mut p) in old.drain() {
-            if !self.by_uid.contains_key(&uid) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_uid.entry(uid) {
                 p.deleted.get_or_insert(now);
-                self.by_uid.insert(uid, p);
+                e.insert(p);
             }
         }
         self.purge(now);

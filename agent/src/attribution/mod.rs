@@ -286,9 +286,15 @@ mod tests {
         assert!(e.to_string().contains("not the host's hierarchy"), "{e}");
         // The host's hierarchy: we are listed in pod/ctr, which is our namespace root.
         std::fs::write(cg.join("cgroup.procs"), "1\n").unwrap();
-        std::fs::write(cg.join("pod/ctr/cgroup.procs"), format!("{}\n", std::process::id()))
-            .unwrap();
-        assert_eq!(NsRoot::detect(&dir, Some(&cg)).unwrap(), NsRoot::new("/pod/ctr"));
+        std::fs::write(
+            cg.join("pod/ctr/cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(
+            NsRoot::detect(&dir, Some(&cg)).unwrap(),
+            NsRoot::new("/pod/ctr")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! Kernel-test harness: start the real agent, drive a workload, scrape /metrics, read /proc.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
