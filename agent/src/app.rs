@@ -59,9 +59,9 @@ impl App {
     /// `stallwatch_probe_attached`) and skipped, unless `strict` is set.
     pub fn start(config: Config) -> anyhow::Result<(App, Vec<Task>)> {
         crate::attribution::init(config.cgroup_root.as_deref())?;
-        let object = crate::embedded::object()?;
+        let object = crate::embedded::object_for(&config)?;
         let kernel = KernelInfo::from_sys_fs()?;
-        let mut ebpf = loader::load(object, &config, &kernel).map_err(crate::check::explain)?;
+        let mut ebpf = loader::load(&object, &config, &kernel).map_err(crate::check::explain)?;
         let bpf_stats = if config.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)

@@ -155,14 +155,15 @@ pub fn run(mut config: Config) -> bool {
              runtime pauses (the other probes are unaffected)"
         },
     );
-    let object = crate::embedded::object();
+    let object = crate::embedded::object_for(&config);
     line(
         object.is_ok(),
         true,
         "ebpf object",
-        &match &object {
-            Ok(o) => format!("{} bytes embedded", o.len()),
-            Err(e) => e.to_string(),
+        &match (&object, &config.ebpf_object) {
+            (Ok(o), None) => format!("{} bytes embedded", o.len()),
+            (Ok(o), Some(p)) => format!("{} bytes from {}", o.len(), p.display()),
+            (Err(e), _) => format!("{e:#}"),
         },
     );
     if !ok.get() {

@@ -58,6 +58,9 @@ pub struct Config {
     pub max_series: u32,
     /// Once the probes are attached, drop every capability later work does not need.
     pub drop_capabilities: bool,
+    /// Load this eBPF object instead of the embedded one (tests: the other architecture's).
+    #[serde(skip)]
+    pub ebpf_object: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -91,6 +94,7 @@ impl Default for Config {
             cgroup_root: None,
             max_series: 2000,
             drop_capabilities: true,
+            ebpf_object: None,
         }
     }
 }
@@ -200,6 +204,10 @@ pub struct Flags {
     /// into one comm="_other" series (totals stay exact). 0: no cap.
     #[arg(long, env = "STALLWATCH_MAX_SERIES")]
     pub max_series: Option<u32>,
+    /// Load this eBPF object file instead of the embedded one (for testing another
+    /// architecture's programs against this kernel's verifier).
+    #[arg(long, hide = true, env = "STALLWATCH_EBPF_OBJECT")]
+    pub ebpf_object: Option<PathBuf>,
     /// Drop capabilities not needed after the probes attach [default: true].
     #[arg(long, env = "STALLWATCH_DROP_CAPABILITIES", num_args = 0..=1, default_missing_value = "true")]
     pub drop_capabilities: Option<bool>,
@@ -275,6 +283,7 @@ impl Flags {
                 .drop_capabilities
                 .or(file.drop_capabilities)
                 .unwrap_or(d.drop_capabilities),
+            ebpf_object: self.ebpf_object.clone(),
         };
         c.validate()?;
         Ok(c)

@@ -11,6 +11,19 @@ static OBJECT: &[u8] = {
     &ALIGNED.0
 };
 
+/// The object `--ebpf-object` names, or the embedded one.
+pub fn object_for(
+    config: &crate::config::Config,
+) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
+    match &config.ebpf_object {
+        // A heap buffer is 16-byte aligned on the platforms we build for.
+        Some(path) => std::fs::read(path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| anyhow::anyhow!("reading --ebpf-object {}: {e}", path.display())),
+        None => object().map(std::borrow::Cow::Borrowed),
+    }
+}
+
 pub fn object() -> anyhow::Result<&'static [u8]> {
     if OBJECT.is_empty() {
         anyhow::bail!(

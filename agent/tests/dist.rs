@@ -214,3 +214,30 @@ fn the_oci_image_holds_each_architectures_binary_and_copies_cleanly() {
         .arg(format!("oci:{}:copy", out.display())));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn the_aarch64_programs_pass_this_kernels_verifier() {
+    let Some(_dir) = dist() else { return };
+    let Some(_guard) = common::kernel_or_skip("the_aarch64_programs_pass_this_kernels_verifier")
+    else {
+        return;
+    };
+    // BPF bytecode is the same machine on every architecture; what differs is how programs
+    // read registers (uprobe arguments, syscall arguments) and struct layouts, which the
+    // verifier checks against this kernel: the aarch64 object must load and attach here.
+    let object = workspace_root().join("target/ebpf/aarch64/stallwatch.bpf.o");
+    for extra in [&[][..], &["--legacy-sched-switch", "--syscall-names"][..]] {
+        let text = run(Command::new(env!("CARGO_BIN_EXE_stallwatch"))
+            .arg("check")
+            .arg("--ebpf-object")
+            .arg(&object)
+            .args(extra));
+        assert!(text.contains("bytes from"), "{text}");
+        for probe in ["sched", "syscalls", "tcp", "gc"] {
+            assert!(
+                text.contains(&format!("ok   probe {probe}")),
+                "aarch64 {probe} {extra:?}:\n{text}"
+            );
+        }
+    }
+}

@@ -104,9 +104,13 @@ pub fn ebpf(args: &EbpfArgs) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// Builds the eBPF object and the agent (which embeds it); returns the agent's path.
+/// Builds the eBPF object and the agent (which embeds it); returns the agent's path. For
+/// another architecture, the agent is the static (musl, release) cross build `dist` ships.
 pub fn agent(args: &EbpfArgs, release: bool) -> anyhow::Result<PathBuf> {
     let arch = args.arch.unwrap_or_else(Arch::host);
+    if arch != Arch::host() {
+        return crate::dist::build_static(arch);
+    }
     ebpf(args)?;
     let mut build = Command::new("cargo");
     build

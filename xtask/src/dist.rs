@@ -57,41 +57,7 @@ pub fn run() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut built = Vec::new();
     for p in PLATFORMS {
-        let object = build::ebpf(&EbpfArgs {
-            arch: Some(p.arch),
-            ..Default::default()
-        })?;
-        let mut cargo = Command::new("cargo");
-        cargo
-            .current_dir(root())
-            // This architecture's object, whatever the environment says.
-            .env("STALLWATCH_EBPF_OBJ", &object)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "stallwatch",
-                "--bin",
-                "stallwatch",
-            ])
-            .args(["--target", p.triple])
-            // Symbols stay (profiles, backtraces); DWARF goes: a third of the size.
-            .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
-        if p.arch != Arch::host() {
-            let env = p.triple.replace('-', "_");
-            cargo
-                .env(
-                    format!("CARGO_TARGET_{}_LINKER", env.to_uppercase()),
-                    p.cross_gcc,
-                )
-                .env(format!("CC_{env}"), p.cross_gcc);
-        }
-        cmd::run(&mut cargo)?;
-        let bin = root()
-            .join("target")
-            .join(p.triple)
-            .join("release/stallwatch");
-        check_static(&bin, p.machine)?;
+        let bin = build_static(p.arch)?;
         let dest = out.join(format!("stallwatch-linux-{}", p.oci));
         std::fs::copy(&bin, &dest)
             .with_context(|| format!("copying {} to {}", bin.display(), dest.display()))?;
@@ -109,6 +75,52 @@ pub fn run() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     write_oci_layout(&oci, &built)?;
     eprintln!("OCI image layout: {} (tag {VERSION})", oci.display());
     Ok(built)
+}
+
+/// Builds the static (musl, release) agent for `arch` with that architecture's eBPF object
+/// embedded; returns its path under target/<triple>/release.
+pub fn build_static(arch: Arch) -> anyhow::Result<PathBuf> {
+    setup::dist_tools()?;
+    let p = PLATFORMS
+        .iter()
+        .find(|p| p.arch == arch)
+        .expect("every Arch has a platform");
+    let object = build::ebpf(&EbpfArgs {
+        arch: Some(p.arch),
+        ..Default::default()
+    })?;
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(root())
+        // This architecture's object, whatever the environment says.
+        .env("STALLWATCH_EBPF_OBJ", &object)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "stallwatch",
+            "--bin",
+            "stallwatch",
+        ])
+        .args(["--target", p.triple])
+        // Symbols stay (profiles, backtraces); DWARF goes: a third of the size.
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+    if p.arch != Arch::host() {
+        let env = p.triple.replace('-', "_");
+        cargo
+            .env(
+                format!("CARGO_TARGET_{}_LINKER", env.to_uppercase()),
+                p.cross_gcc,
+            )
+            .env(format!("CC_{env}"), p.cross_gcc);
+    }
+    cmd::run(&mut cargo)?;
+    let bin = root()
+        .join("target")
+        .join(p.triple)
+        .join("release/stallwatch");
+    check_static(&bin, p.machine)?;
+    Ok(bin)
 }
 
 /// Fails unless `path` is an ELF executable for `machine` with no program interpreter (no
