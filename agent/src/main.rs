@@ -95,6 +95,15 @@ fn emit(text: &str) -> anyhow::Result<()> {
 }
 
 fn run(config: config::Config) -> anyhow::Result<()> {
+    // One malloc arena, set before any thread starts. With one per thread, what a burst of
+    // processes or a large scrape freed stays spread over arenas that cannot be trimmed:
+    // measured over four rounds of 10,000 processes, RSS settled at 133 MB with per-thread
+    // arenas and at 16 MB with one (BENCHMARKS.md). The agent is not allocation-bound.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt before threads exist; M_ARENA_MAX is a plain tunable.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -158,6 +167,7 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     for t in tasks {
         background.spawn(t);
     }
+    background.spawn(release_freed_memory());
     let server = axum::serve(listener, server::router(app.clone(), registry))
         .with_graceful_shutdown(shutdown);
     tokio::select! {
@@ -168,6 +178,24 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     }
     log::info!("shutting down; detaching probes");
     Ok(())
+}
+
+/// Hands memory the agent freed back to the kernel every 10 s. glibc's allocator keeps freed
+/// heap pages (a burst of short-lived processes, or one large scrape, would otherwise leave
+/// the agent's RSS at its peak for good); musl's returns them by itself.
+async fn release_freed_memory() -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        #[cfg(target_env = "gnu")]
+        tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim only walks and trims the allocator's own heaps.
+            unsafe { libc::malloc_trim(0) };
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("malloc_trim task: {e}"))?;
+    }
 }
 
 /// Waits for SIGTERM or SIGINT. The handlers are installed when this is called, not when

@@ -318,3 +318,157 @@ fn a_signal_right_after_start_still_exits_cleanly() {
         );
     }
 }
+
+/// Voluntary switches of `comm`'s series with `pid` (`--per-pid`).
+fn voluntary(m: &Metrics, comm: &str, pid: u32) -> f64 {
+    let pid = pid.to_string();
+    m.sum(
+        "stallwatch_context_switches_total",
+        &[("comm", comm), ("pid", &pid), ("kind", "voluntary")],
+    )
+}
+
+/// Spawns `exe args` as the next process with pid `want` (via ns_last_pid, as CRIU does);
+/// `None` if another process took that pid first.
+fn spawn_with_pid(want: u32, exe: &std::path::Path, args: &[&str]) -> Option<std::process::Child> {
+    std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string())
+        .expect("writing /proc/sys/kernel/ns_last_pid");
+    let mut c = Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if c.id() == want {
+        return Some(c);
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    None
+}
+
+#[test]
+fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
+    let Some(_g) = kernel_or_skip(
+        "ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state",
+    ) else {
+        return;
+    };
+    let agent = Agent::start(&["--probes", "sched,tcp,gc", "--per-pid", "--exit-grace", "5s"]);
+    // Give the start-up scan and the first sweep time to settle.
+    std::thread::sleep(Duration::from_secs(2));
+    let series = |m: &Metrics| {
+        m.0.keys()
+            .filter(|(n, _)| n == "stallwatch_runqueue_latency_seconds_count")
+            .count()
+    };
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let m0 = agent.scrape();
+    let (tracked0, series0, entries0, rss0) = (
+        m0.sum("stallwatch_tracked_processes", &[]),
+        series(&m0),
+        m0.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
+        rss(),
+    );
+
+    // 10,000 processes that each fork, exec and exit.
+    let t0 = std::time::Instant::now();
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            "i=0; while [ $i -lt 10000 ]; do /bin/true; i=$((i+1)); done",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eprintln!("10,000 processes in {:?}", t0.elapsed());
+    let m = agent.scrape();
+    assert!(
+        series(&m) > series0 + 1000,
+        "per-pid series of the short-lived processes are exported for --exit-grace"
+    );
+    // Everything they left is retired: exit events (or the sweep) and the 5 s grace.
+    let settled = wait_until(Duration::from_secs(40), || {
+        let m = agent.scrape();
+        m.sum("stallwatch_tracked_processes", &[]) <= tracked0 + 20.0
+            && series(&m) <= series0 + 20
+            && m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")])
+                <= entries0 + 20.0
+    });
+    let m = agent.scrape();
+    assert!(
+        settled,
+        "state not back to its start: tracked {} (was {tracked0}), series {} (was {series0}), \
+         SW_PROC_SCHED {} (was {entries0})",
+        m.sum("stallwatch_tracked_processes", &[]),
+        series(&m),
+        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
+    );
+    assert_eq!(
+        m.sum("stallwatch_events_dropped_total", &[("reason", "event_ring_full")]),
+        0.0,
+        "the default ring kept up with 10,000 exec/exit pairs"
+    );
+    // What the churn and the large scrapes freed goes back to the kernel (trimmed every 10 s).
+    let back = wait_until(Duration::from_secs(25), || {
+        rss().saturating_sub(rss0) < 16 * 1024
+    });
+    let grown_kib = rss().saturating_sub(rss0);
+    eprintln!("agent RSS {rss0} KiB before, +{grown_kib} KiB after the churn");
+    assert!(back, "RSS grew {grown_kib} KiB and stayed");
+
+    // PID reuse: "alpha" exits, "beta" gets its pid at once. Neither series may carry the
+    // other's switches.
+    let dir = std::env::temp_dir().join(format!("sw-reuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let swload = std::path::Path::new(env!("CARGO_BIN_EXE_swload"));
+    let (alpha, beta) = (dir.join("alpha"), dir.join("beta"));
+    std::os::unix::fs::symlink(swload, &alpha).unwrap();
+    std::os::unix::fs::symlink(swload, &beta).unwrap();
+    let mut reused = None;
+    for _ in 0..20 {
+        let mut a = Command::new(&alpha)
+            .args(["sleep", "5", "10"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = a.id();
+        let lines = line_reader(a.stdout.take().unwrap());
+        assert!(lines.recv_timeout(Duration::from_secs(10)).unwrap().starts_with("done"));
+        let alpha_switches = ctxt_switches(pid).0;
+        drop(a.stdin.take()); // ends it
+        let _ = a.wait();
+        if let Some(mut b) = spawn_with_pid(pid, &beta, &["sleep", "20", "10"]) {
+            let lines = line_reader(b.stdout.take().unwrap());
+            assert!(lines.recv_timeout(Duration::from_secs(10)).unwrap().starts_with("done"));
+            reused = Some((pid, alpha_switches, b));
+            break;
+        }
+    }
+    let (pid, alpha_switches, mut b) = reused.expect("could not get a pid reused in 20 tries");
+    let beta_switches = ctxt_switches(pid).0;
+    let ok = wait_until(Duration::from_secs(15), || {
+        let m = agent.scrape();
+        voluntary(&m, "beta", pid) == beta_switches as f64
+            && voluntary(&m, "alpha", pid) == alpha_switches as f64
+    });
+    let m = agent.scrape();
+    assert!(
+        ok,
+        "pid {pid}: alpha {} (kernel {alpha_switches}), beta {} (kernel {beta_switches})",
+        voluntary(&m, "alpha", pid),
+        voluntary(&m, "beta", pid)
+    );
+    drop(b.stdin.take());
+    let _ = b.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(agent.stop());
+}

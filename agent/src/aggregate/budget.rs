@@ -79,6 +79,7 @@ impl<V: Counters> Budget<V> {
             }
             keep
         });
+        super::process::shrink(&mut self.keys);
         // Rank by activity since the last apply; visible keys count double (hysteresis),
         // then visible first, then by key so the choice is deterministic.
         let mut ranked: Vec<(&SeriesKey, u64, bool)> = present

@@ -294,7 +294,8 @@ impl<V: Counters> ProcessAggregator<V> {
         self.tracked.contains_key(&tgid)
     }
 
-    /// Drops series whose last process left more than `exit_grace` ago.
+    /// Drops series whose last process left more than `exit_grace` ago, and gives back the
+    /// table space a burst of processes left behind.
     pub fn expire(&mut self, now: Instant) -> usize {
         let grace = self.exit_grace;
         let before = self.series.len();
@@ -302,6 +303,8 @@ impl<V: Counters> ProcessAggregator<V> {
             Some(t) => now.saturating_duration_since(t) < grace,
             None => true,
         });
+        shrink(&mut self.series);
+        shrink(&mut self.tracked);
         before - self.series.len()
     }
 
@@ -325,6 +328,15 @@ impl<V: Counters> ProcessAggregator<V> {
         let mut v: Vec<_> = out.into_iter().map(|(k, s)| (k.clone(), s)).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+}
+
+/// Maps hold their values inline and keep their capacity when emptied: after 10,000
+/// short-lived processes, tables sized for them would stay allocated (tens of MiB with
+/// histogram values). Shrinks a map that uses less than a quarter of its capacity.
+pub fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
 

@@ -217,6 +217,8 @@ impl<S: Source> ProcessState<S> {
             *left = left.saturating_sub(1);
             *left > 0
         });
+        crate::aggregate::process::shrink(&mut self.exited);
+        crate::aggregate::process::shrink(&mut self.unresolved);
         if now.saturating_duration_since(self.last_sweep) >= SWEEP_INTERVAL {
             self.sweep(now);
         }
