@@ -1,21 +1,6 @@
 //! stallwatch: where a process's time goes when it is not doing useful work.
 
-mod aggregate;
-mod app;
-mod attribution;
-mod btf;
-mod check;
-mod config;
-mod diagnose;
-mod embedded;
-mod loader;
-mod metrics;
-mod privileges;
-mod probes;
-mod procfs;
-mod runtime;
-mod server;
-mod top;
+use stallwatch::{app, attribution, check, config, diagnose, privileges, runtime, server, top};
 
 use std::sync::Arc;
 

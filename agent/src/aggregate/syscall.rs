@@ -244,6 +244,10 @@ impl Table {
     pub fn len(&self) -> usize {
         self.names.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
 }
 
 /// The errno's name (ENOENT), or its number for values the tables do not name.
