@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod cmd;
 mod dist;
+mod fuzz;
 mod preview;
 mod setup;
 mod test;
@@ -62,6 +63,9 @@ enum Command {
     /// Render every dashboard panel to PNG (docs/dashboards) from a real Prometheus fed by
     /// the agent and test workloads (the end-to-end dashboard test). Needs root.
     DashboardsPreview,
+    /// Fuzz the parsers of untrusted input (cgroup paths and /proc bodies, executables,
+    /// kernel BTF, config files) with cargo-fuzz for a while each; not part of CI.
+    Fuzz(fuzz::Args),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -102,5 +106,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Dist => dist::run().map(|_| ()),
         Command::DashboardsPreview => preview::run(),
+        Command::Fuzz(args) => fuzz::run(&args),
     }
 }
