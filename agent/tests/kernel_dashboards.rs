@@ -1167,19 +1167,16 @@ fn every_dashboard_panel_and_rule_has_data_on_a_real_prometheus() {
 
     let api = FakeApi::start();
     let kubeconfig = api.kubeconfig(&tmp.0);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stallwatch"));
-    cmd.args([
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--probes",
-        "sched,tcp,gc,syscalls",
-        "--bpf-stats",
-        "--node-name",
-        NODE,
-    ])
-    .env("KUBECONFIG", &kubeconfig);
-    let agent = Agent::spawn(cmd);
+    let agent = Agent::start_with_env(
+        &[
+            "--probes",
+            "sched,tcp,gc,syscalls",
+            "--bpf-stats",
+            "--node-name",
+            NODE,
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
     let mut cgs = Cgroups::default();
     let mut workloads = start_workloads(&mut cgs, &go_bins);
     let mut prom = Prometheus::start(&tmp.0, agent.addr, &rule_files);

@@ -349,12 +349,18 @@ fn spawn_with_pid(want: u32, exe: &std::path::Path, args: &[&str]) -> Option<std
 
 #[test]
 fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
-    let Some(_g) = kernel_or_skip(
-        "ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state",
-    ) else {
+    let Some(_g) =
+        kernel_or_skip("ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state")
+    else {
         return;
     };
-    let agent = Agent::start(&["--probes", "sched,tcp,gc", "--per-pid", "--exit-grace", "5s"]);
+    let agent = Agent::start(&[
+        "--probes",
+        "sched,tcp,gc",
+        "--per-pid",
+        "--exit-grace",
+        "5s",
+    ]);
     // Give the start-up scan and the first sweep time to settle.
     std::thread::sleep(Duration::from_secs(2));
     let series = |m: &Metrics| {
@@ -399,8 +405,7 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
         let m = agent.scrape();
         m.sum("stallwatch_tracked_processes", &[]) <= tracked0 + 20.0
             && series(&m) <= series0 + 20
-            && m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")])
-                <= entries0 + 20.0
+            && m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]) <= entries0 + 20.0
     });
     let m = agent.scrape();
     assert!(
@@ -412,7 +417,10 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
         m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
     );
     assert_eq!(
-        m.sum("stallwatch_events_dropped_total", &[("reason", "event_ring_full")]),
+        m.sum(
+            "stallwatch_events_dropped_total",
+            &[("reason", "event_ring_full")]
+        ),
         0.0,
         "the default ring kept up with 10,000 exec/exit pairs"
     );
@@ -442,13 +450,19 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
             .unwrap();
         let pid = a.id();
         let lines = line_reader(a.stdout.take().unwrap());
-        assert!(lines.recv_timeout(Duration::from_secs(10)).unwrap().starts_with("done"));
+        assert!(lines
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .starts_with("done"));
         let alpha_switches = ctxt_switches(pid).0;
         drop(a.stdin.take()); // ends it
         let _ = a.wait();
         if let Some(mut b) = spawn_with_pid(pid, &beta, &["sleep", "20", "10"]) {
             let lines = line_reader(b.stdout.take().unwrap());
-            assert!(lines.recv_timeout(Duration::from_secs(10)).unwrap().starts_with("done"));
+            assert!(lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap()
+                .starts_with("done"));
             reused = Some((pid, alpha_switches, b));
             break;
         }

@@ -256,18 +256,10 @@ fn without_the_api_series_keep_the_ids_their_cgroup_gives() {
     let tmp = std::env::temp_dir().join(format!("sw-k8s-down-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let kubeconfig = kubeconfig_for(&tmp, port);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stallwatch"));
-    cmd.args([
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--probes",
-        "sched",
-        "--node-name",
-        NODE,
-    ])
-    .env("KUBECONFIG", &kubeconfig);
-    let agent = Agent::spawn(cmd);
+    let agent = Agent::start_with_env(
+        &["--probes", "sched", "--node-name", NODE],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
     const RUNQ: &str = "stallwatch_runqueue_latency_seconds_count";
     assert!(
         wait_until(WAIT, || agent

@@ -29,7 +29,11 @@ fn cargo_fuzz_installed() -> bool {
 fn seed(corpus: &Path, target: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(corpus)?;
     let committed = root().join("fuzz/seeds").join(target);
-    for e in std::fs::read_dir(&committed).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(&committed)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         std::fs::copy(e.path(), corpus.join(e.file_name()))?;
     }
     let take = |src: &str, name: &str, max: usize| -> anyhow::Result<()> {

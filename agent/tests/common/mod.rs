@@ -40,6 +40,16 @@ impl Agent {
         Agent::spawn(cmd)
     }
 
+    /// `start` with environment variables set for the agent (e.g. KUBECONFIG).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stallwatch"));
+        cmd.args(["run", "--listen", "127.0.0.1:0"]).args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Agent::spawn(cmd)
+    }
+
     /// Starts `cmd` (which must end up exec'ing `stallwatch run --listen 127.0.0.1:0 ...`) and
     /// waits until it listens and is ready.
     pub fn spawn(mut cmd: Command) -> Agent {
