@@ -12,10 +12,12 @@
 //! This file does not use tests/common (the kernel-test harness): it needs only the
 //! workspace root.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::{promtool, run_promtool, workspace_root};
 use serde_json::Value;
 
 /// Every dashboard file and its uid. The uids are in links, bookmarks and the preview images'
@@ -44,13 +46,6 @@ const OTHER_METRICS: &[&str] = &[
 ];
 /// Grafana's own variables that queries may use.
 const GRAFANA_VARIABLES: &[&str] = &["__rate_interval", "__interval", "__range"];
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn read(rel: &str) -> String {
     let path = workspace_root().join(rel);
@@ -961,38 +956,6 @@ fn provisioning_points_grafana_at_the_dashboards() {
 
 // ---------------------------------------------------------------------------------------
 // Tests: promtool
-
-fn promtool(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    if found.is_some() {
-        return found;
-    }
-    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
-        panic!("{test}: promtool missing, run cargo xtask setup (STALLWATCH_REQUIRE_KERNEL=1: no skipping)");
-    }
-    eprintln!("SKIP {test}: promtool missing, run cargo xtask setup");
-    None
-}
-
-fn run_promtool(promtool: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(promtool)
-        .current_dir(workspace_root())
-        .args(args)
-        .output()
-        .expect("run promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 #[test]
 fn recording_rules_pass_promtool_check() {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::workspace_root;
+use common::{promtool, run_promtool, tool_or_skip, workspace_root};
 use serde_json::Value;
 
 const BASE: &str = "deploy/kustomize/base";
@@ -125,38 +125,14 @@ else:
     sys.exit("unknown command " + cmd)
 "#;
 
-fn required() -> bool {
-    std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1")
-}
-
-/// `path` if it is there; else a skip with a message (a failure where tests are required).
-fn tool_or_skip(test: &str, tool: &str, path: Option<PathBuf>) -> Option<PathBuf> {
-    if path.is_some() {
-        return path;
-    }
-    if required() {
-        panic!("{test}: {tool} missing, run cargo xtask setup (STALLWATCH_REQUIRE_KERNEL=1: no skipping)");
-    }
-    eprintln!("skipping {test}: {tool} missing, run cargo xtask setup");
-    None
-}
-
 fn python(test: &str) -> Option<PathBuf> {
     let py = workspace_root().join("target/toolchains/deploy-venv/bin/python3");
     tool_or_skip(
         test,
         &format!("python venv ({})", py.display()),
+        "cargo xtask setup",
         py.exists().then_some(py),
     )
-}
-
-fn promtool(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    tool_or_skip(test, "promtool", found)
 }
 
 /// Runs the helper: whether it succeeded, and everything it printed.
@@ -308,17 +284,8 @@ fn rules_pass_promtool_check() {
     let Some(promtool) = promtool("rules_pass_promtool_check") else {
         return;
     };
-    let out = Command::new(promtool)
-        .current_dir(workspace_root())
-        .args(["check", "rules", RULES])
-        .output()
-        .expect("run promtool");
-    assert!(
-        out.status.success(),
-        "promtool check rules {RULES}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = run_promtool(&promtool, &["check", "rules", RULES]);
+    assert!(ok, "promtool check rules {RULES}:\n{out}");
 }
 
 #[test]
@@ -326,17 +293,8 @@ fn rules_unit_tests_pass() {
     let Some(promtool) = promtool("rules_unit_tests_pass") else {
         return;
     };
-    let out = Command::new(promtool)
-        .current_dir(workspace_root())
-        .args(["test", "rules", RULES_TEST])
-        .output()
-        .expect("run promtool");
-    assert!(
-        out.status.success(),
-        "promtool test rules {RULES_TEST}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = run_promtool(&promtool, &["test", "rules", RULES_TEST]);
+    assert!(ok, "promtool test rules {RULES_TEST}:\n{out}");
 }
 
 /// The PrometheusRule's text: its head through `spec:`, then the rules file (less its leading

