@@ -104,6 +104,18 @@ pub fn ebpf(args: &EbpfArgs) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
+/// The host's eBPF object, then every binary of the agent package (stallwatch, and swload
+/// for the tests), unoptimised: what the tests spawn.
+pub fn test_binaries() -> anyhow::Result<()> {
+    ebpf(&EbpfArgs::default())?;
+    cmd::run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "-p",
+        "stallwatch",
+        "--bins",
+    ]))
+}
+
 /// Builds the eBPF object and the agent (which embeds it); returns the agent's path. For
 /// another architecture, the agent is the static (musl, release) cross build `dist` ships.
 pub fn agent(args: &EbpfArgs, release: bool) -> anyhow::Result<PathBuf> {

@@ -5,18 +5,12 @@
 
 use std::process::Command;
 
-use crate::build::{self, EbpfArgs};
+use crate::build;
 use crate::{cmd, root};
 
 pub fn run() -> anyhow::Result<()> {
-    build::ebpf(&EbpfArgs::default())?;
+    build::test_binaries()?;
     let out = root().join("docs/dashboards");
-    cmd::run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "-p",
-        "stallwatch",
-        "--bins",
-    ]))?;
     cmd::run(
         Command::new("cargo")
             .current_dir(root())

@@ -2,11 +2,12 @@
 
 use std::process::Command;
 
-use crate::build::{self, EbpfArgs};
+use crate::build;
 use crate::{cmd, root, setup};
 
 /// Setup (unless `no_setup`), the static binaries and image (`dist`, which builds the eBPF
-/// objects of both architectures), the host's object (embedded and tested), the agent's binaries the kernel tests spawn, then every test.
+/// objects of both architectures), the host's object (embedded and tested), the agent's
+/// binaries the kernel tests spawn, then every test.
 /// The environment passes through (CI sets STALLWATCH_REQUIRE_KERNEL=1).
 pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
     if !no_setup {
@@ -15,13 +16,7 @@ pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
     // The static binaries and image (tests/dist.rs checks them); this builds the eBPF objects
     // of both architectures, so the aarch64 one stays buildable.
     crate::dist::run()?;
-    build::ebpf(&EbpfArgs::default())?;
-    cmd::run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "-p",
-        "stallwatch",
-        "--bins",
-    ]))?;
+    build::test_binaries()?;
     cmd::run(
         Command::new("cargo")
             .current_dir(root())
