@@ -26,17 +26,20 @@ pub trait Counters: Clone + PartialEq + std::fmt::Debug {
 }
 
 /// The kernel ABI's per-process aggregates already have `ZERO`, `add` and `checked_sub`;
-/// each names what counts as activity.
+/// each names what counts as activity, and optionally its overflow class.
 macro_rules! counters_from_abi {
-    ($($t:ty => $activity:expr),* $(,)?) => {$(
+    ($($t:ty => $activity:expr $(, class $class:expr)?);* $(;)?) => {$(
         impl Counters for $t {
             fn activity(&self) -> u64 {
                 let f: fn(&$t) -> u64 = $activity;
                 f(self)
             }
-            fn fold_class(&self) -> u32 {
-                fold_class_of(self)
-            }
+            $(
+                fn fold_class(&self) -> u32 {
+                    let f: fn(&$t) -> u32 = $class;
+                    f(self)
+                }
+            )?
             fn zero() -> Self {
                 Self::ZERO
             }
@@ -50,33 +53,18 @@ macro_rules! counters_from_abi {
     )*};
 }
 
-/// The overflow class of a kernel aggregate: its runtime for the gc probe's, 0 otherwise.
-trait FoldClass {
-    fn class(&self) -> u32 {
-        0
-    }
-}
-impl FoldClass for SchedStats {}
-impl FoldClass for stallwatch_common::tcp::TcpStats {}
-impl FoldClass for stallwatch_common::gc::GcStats {
-    fn class(&self) -> u32 {
-        self.runtime
-    }
-}
-fn fold_class_of(v: &impl FoldClass) -> u32 {
-    v.class()
-}
-
 counters_from_abi!(
-    SchedStats => |s| s.runq.count() + s.cswch_voluntary + s.cswch_involuntary,
+    SchedStats => |s| s.runq.count() + s.cswch_voluntary + s.cswch_involuntary;
     stallwatch_common::tcp::TcpStats => |s| {
         s.outbound.iter().chain(&s.inbound).sum::<u64>()
             + s.rtt.count()
             + s.retransmits
             + s.resets_sent
             + s.resets_received
-    },
+    };
+    // Pauses of different runtimes never share an overflow series (the label comes from it).
     stallwatch_common::gc::GcStats => |s| s.pause.iter().map(|h| h.count()).sum(),
+        class |s| s.runtime;
 );
 
 /// What a process's cgroup says it belongs to: a container of a pod, or a systemd unit. Empty

@@ -26,12 +26,7 @@ pub fn init(cgroup_root: Option<&Path>) -> anyhow::Result<&'static Host> {
     if let Some(h) = HOST.get() {
         return Ok(h);
     }
-    let cgroup_root = match cgroup_root {
-        Some(p) => Some(p.to_path_buf()),
-        None => std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| crate::procfs::parse_cgroup2_mount(&m)),
-    };
+    let cgroup_root = cgroup_root.map(Path::to_path_buf).or_else(mounted_cgroup2);
     let ns = NsRoot::detect(Path::new("/proc"), cgroup_root.as_deref())?;
     if ns != NsRoot::default() {
         log::info!("in a private cgroup namespace rooted at {}", ns.as_str());
@@ -46,11 +41,16 @@ pub fn host() -> &'static Host {
     }
     static FALLBACK: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
     FALLBACK.get_or_init(|| Host {
-        cgroup_root: std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| crate::procfs::parse_cgroup2_mount(&m)),
+        cgroup_root: mounted_cgroup2(),
         ns: NsRoot::default(),
     })
+}
+
+/// Where /proc/self/mountinfo says the cgroup v2 hierarchy is mounted.
+fn mounted_cgroup2() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| crate::procfs::parse_cgroup2_mount(&m))
 }
 
 /// The agent's cgroup namespace root as a host path ("/" outside a private namespace).
