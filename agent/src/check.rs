@@ -9,12 +9,17 @@ pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
-/// The effective capability set from a /proc/<pid>/status body.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
+/// A capability set (`field`: "CapEff:", "CapPrm:", ...) from a /proc/<pid>/status body.
+pub fn parse_cap(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The effective capability set from a /proc/<pid>/status body.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    parse_cap(status, "CapEff:")
 }
 
 pub fn effective_caps() -> u64 {

@@ -130,12 +130,7 @@ fn mask(set: &HashSet<Capability>) -> u64 {
 /// CapEff and CapPrm of one thread from its /proc status; `None` if it exited.
 fn thread_caps(tid: &str) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    };
+    let field = |name| crate::check::parse_cap(&status, name);
     Some((field("CapEff:")?, field("CapPrm:")?))
 }
 
