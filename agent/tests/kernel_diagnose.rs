@@ -45,6 +45,11 @@ fn diagnose_json(pid: u32, duration: &str) -> Value {
         duration,
         "--json",
     ]);
+    report(out)
+}
+
+/// A finished `diagnose --json`: it succeeded, and its output is JSON the schema accepts.
+fn report(out: std::process::Output) -> Value {
     assert!(
         out.status.success(),
         "diagnose failed: {}",
@@ -202,13 +207,7 @@ fn a_process_that_exits_mid_run_gets_a_partial_report() {
     // Reaped by us, so its /proc entry goes when it exits.
     std::thread::spawn(move || child.wait());
     let out = out.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    validate(&schema(), &v, "$");
+    let v = report(out);
     assert_eq!(v["complete"], false, "{v:#}");
     assert!(v["note"].as_str().unwrap().contains("exited"), "{v:#}");
     assert!(v["duration_seconds"].as_f64().unwrap() < 8.0);
@@ -502,13 +501,7 @@ fn diagnose_reports_a_go_programs_gc_pauses() {
     let out = diag.wait_with_output().unwrap();
     drop(child.stdin.take());
     let _ = child.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    validate(&schema(), &v, "$");
+    let v = report(out);
     let gc = v["pauses"]
         .as_array()
         .unwrap()
