@@ -461,22 +461,20 @@ fn substitute(text: &str, vars: &BTreeMap<String, VarValue>) -> (String, BTreeSe
     while i < text.len() {
         let rest = &text[i..];
         let mut replaced = None;
-        if let Some(inner) = rest.strip_prefix("${") {
-            if let Some(end) = inner.find('}') {
-                let (name, format) = match inner[..end].split_once(':') {
-                    Some((n, f)) => (n, Some(f)),
-                    None => (&inner[..end], None),
-                };
-                replaced = lookup(name, format).map(|v| (v, name.to_string(), end + 3));
-            }
-        } else if let Some(inner) = rest.strip_prefix("[[") {
-            if let Some(end) = inner.find("]]") {
-                let (name, format) = match inner[..end].split_once(':') {
-                    Some((n, f)) => (n, Some(f)),
-                    None => (&inner[..end], None),
-                };
-                replaced = lookup(name, format).map(|v| (v, name.to_string(), end + 4));
-            }
+        // `${name[:format]}` and `[[name[:format]]]`: the same but for their brackets.
+        let bracketed = [("${", "}"), ("[[", "]]")]
+            .into_iter()
+            .find_map(|(open, close)| {
+                let inner = rest.strip_prefix(open)?;
+                let end = inner.find(close)?;
+                Some((&inner[..end], open.len() + end + close.len()))
+            });
+        if let Some((spec, len)) = bracketed {
+            let (name, format) = match spec.split_once(':') {
+                Some((n, f)) => (n, Some(f)),
+                None => (spec, None),
+            };
+            replaced = lookup(name, format).map(|v| (v, name.to_string(), len));
         } else if let Some(inner) = rest.strip_prefix('$') {
             let name: String = inner
                 .chars()
