@@ -17,7 +17,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::{promtool, run_promtool, workspace_root};
+use common::{metric_catalogue, promtool, run_promtool, workspace_root};
 use serde_json::Value;
 
 /// Every dashboard file and its uid. The uids are in links, bookmarks and the preview images'
@@ -195,25 +195,6 @@ fn variable_refs(s: &str) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------------------
 // docs/metrics.md and the recording rules: what each series name may carry
 
-/// docs/metrics.md: name -> (type, labels of its table row).
-fn catalogue() -> BTreeMap<String, (String, BTreeSet<String>)> {
-    read("docs/metrics.md")
-        .lines()
-        .filter_map(|l| {
-            let mut cols = l.strip_prefix("| `")?.split('|');
-            let name = cols.next()?.trim().trim_end_matches('`').to_string();
-            let kind = cols.next()?.trim().to_string();
-            let labels = cols
-                .next()?
-                .split(',')
-                .map(|l| l.trim().trim_matches('`').to_string())
-                .filter(|l| !l.is_empty() && l != "—")
-                .collect();
-            Some((name, (kind, labels)))
-        })
-        .collect()
-}
-
 /// The labels docs/metrics.md's header paragraph gives per-process series (those carrying
 /// `comm`): every back-quoted label name in the paragraph that starts "Per-process series".
 fn per_process_labels() -> BTreeSet<String> {
@@ -243,7 +224,7 @@ fn per_process_labels() -> BTreeSet<String> {
 fn exported_series() -> BTreeMap<String, BTreeSet<String>> {
     let per_process = per_process_labels();
     let mut out = BTreeMap::new();
-    for (name, (kind, labels)) in catalogue() {
+    for (name, (kind, labels)) in metric_catalogue() {
         let mut labels: BTreeSet<String> = labels;
         if labels.contains("comm") {
             labels.extend(per_process.iter().cloned());
@@ -747,8 +728,8 @@ fn stallwatch_names(expr: &str, histograms: &BTreeSet<&str>) -> BTreeSet<String>
 }
 
 #[test]
-fn every_metric_is_in_the_catalogue() {
-    let catalogue = catalogue();
+fn every_metric_is_in_the_metric_catalogue() {
+    let catalogue = metric_catalogue();
     let histograms: BTreeSet<&str> = catalogue
         .iter()
         .filter(|(_, (kind, _))| kind == "histogram")

@@ -592,31 +592,6 @@ fn service_monitor_scrapes_the_agent_port() {
     );
 }
 
-/// A metric of docs/metrics.md (generated from the agent's catalogue).
-struct Metric {
-    kind: String,
-    labels: BTreeSet<String>,
-}
-
-fn catalogue() -> BTreeMap<String, Metric> {
-    let path = workspace_root().join("docs/metrics.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .filter_map(|l| {
-            let mut cols = l.strip_prefix("| `")?.split('|');
-            let name = cols.next()?.trim().trim_end_matches('`').to_string();
-            let kind = cols.next()?.trim().to_string();
-            let labels = cols
-                .next()?
-                .split(',')
-                .map(|l| l.trim().trim_matches('`').to_string())
-                .filter(|l| !l.is_empty() && l != "—")
-                .collect();
-            Some((name, Metric { kind, labels }))
-        })
-        .collect()
-}
-
 /// What a PromQL expression selects by: metric names (identifiers that are not functions,
 /// aggregation operators or keywords) and label names (in matchers and grouping lists).
 /// Strings, ranges, numbers and durations are skipped.
@@ -750,44 +725,29 @@ fn rule_expressions_use_exported_metrics() {
     let Some(py) = python("rule_expressions_use_exported_metrics") else {
         return;
     };
-    let catalogue = catalogue();
+    let catalogue = common::metric_catalogue();
     assert!(
         catalogue
             .get("stallwatch_runqueue_latency_seconds")
-            .is_some_and(|m| m.labels.contains("comm")),
+            .is_some_and(|(_, labels)| labels.contains("comm")),
         "docs/metrics.md parsed to nothing useful"
     );
-    // Not (yet) in docs/metrics.md, with their labels: `up` is Prometheus's own; the
-    // series-overflow counter is being added to the agent now (the catalogue's entry wins
-    // once it has one; drop it here then).
-    const ALLOWED: &[(&str, &[&str])] = &[
-        ("up", &[]),
-        ("stallwatch_series_overflow_total", &["probe"]),
-    ];
+    // Not in docs/metrics.md: `up` is Prometheus's own.
+    const ALLOWED: &[(&str, &[&str])] = &[("up", &[])];
     // Labels every scraped series has (the ServiceMonitor sets instance to the node's name).
     const TARGET_LABELS: &[&str] = &["job", "instance"];
-    // The Kubernetes attribution labels of per-process series (those with `comm`), being added
-    // to the agent with this base; drop this once docs/metrics.md lists them everywhere.
-    const PENDING_PROCESS_LABELS: &[&str] = &["namespace", "pod", "container"];
-    let with_pending = |m: &Metric| {
-        let mut labels = m.labels.clone();
-        if labels.contains("comm") {
-            labels.extend(PENDING_PROCESS_LABELS.iter().map(|l| l.to_string()));
-        }
-        labels
-    };
     // A name's labels if the agent exports it: a catalogue metric, or a histogram's series.
     let labels_of = |name: &str| -> Option<BTreeSet<String>> {
-        if let Some(m) = catalogue.get(name) {
-            return Some(with_pending(m));
+        if let Some((_, labels)) = catalogue.get(name) {
+            return Some(labels.clone());
         }
         for suffix in ["_bucket", "_sum", "_count"] {
-            if let Some(m) = name
+            if let Some((kind, labels)) = name
                 .strip_suffix(suffix)
                 .and_then(|base| catalogue.get(base))
             {
-                if m.kind == "histogram" {
-                    let mut labels = with_pending(m);
+                if kind == "histogram" {
+                    let mut labels = labels.clone();
                     if suffix == "_bucket" {
                         labels.insert("le".to_string());
                     }

@@ -505,6 +505,27 @@ pub fn go_toolchain(version: &str) -> Option<std::path::PathBuf> {
     )
 }
 
+/// docs/metrics.md (generated from the agent's catalogue): metric name -> (type, the labels of
+/// its table row).
+pub fn metric_catalogue() -> BTreeMap<String, (String, std::collections::BTreeSet<String>)> {
+    let path = workspace_root().join("docs/metrics.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter_map(|l| {
+            let mut cols = l.strip_prefix("| `")?.split('|');
+            let name = cols.next()?.trim().trim_end_matches('`').to_string();
+            let kind = cols.next()?.trim().to_string();
+            let labels = cols
+                .next()?
+                .split(',')
+                .map(|l| l.trim().trim_matches('`').to_string())
+                .filter(|l| !l.is_empty() && l != "—")
+                .collect();
+            Some((name, (kind, labels)))
+        })
+        .collect()
+}
+
 /// Debian's promtool (`cargo xtask setup` installs the prometheus package), from PATH.
 pub fn promtool(test: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
