@@ -595,21 +595,14 @@ fn resolve_variables(prom: &Prometheus, dashboard: &Value, at: f64, pick_one: bo
         // (candidate values, the label they are values of)
         let (candidates, label): (Vec<String>, String) = match kind {
             "datasource" | "adhoc" => continue,
-            "constant" | "textbox" => {
-                let value = current_value(v).unwrap_or(query.clone());
-                vars.values.insert(
-                    name.into(),
-                    VarValue::One {
-                        value,
-                        regex: false,
-                    },
-                );
-                continue;
-            }
-            "interval" => {
-                let value = current_value(v)
-                    .filter(|c| !c.starts_with('$') && c != "auto")
-                    .unwrap_or(RATE_INTERVAL.to_string());
+            "constant" | "textbox" | "interval" => {
+                let value = if kind == "interval" {
+                    current_value(v)
+                        .filter(|c| !c.starts_with('$') && c != "auto")
+                        .unwrap_or(RATE_INTERVAL.to_string())
+                } else {
+                    current_value(v).unwrap_or(query.clone())
+                };
                 vars.values.insert(
                     name.into(),
                     VarValue::One {
