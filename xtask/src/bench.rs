@@ -15,8 +15,8 @@
 //! 6. gc probe: time added per Go GC (alternating off/on runs forcing GCs), BPF stats of its
 //!    programs, and the agent's own CPU time per exec it inspects (non-runtime and Go).
 //! 7. The agent itself: RSS idle and under `perf bench sched messaging` (hackbench), its CPU
-//!    time, /metrics latency p50/p99 at the series counts a --per-pid host gives (about 10k
-//!    and 20k here: every process on the host is its own series), kernel map memory.
+//!    time, /metrics latency p50/p99 at about 1k series (keys capped by --max-series) and at
+//!    the series counts a --per-pid host gives (about 10k and 20k here), kernel map memory.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -830,13 +830,19 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
     let mut report = String::from("\n## The agent itself\n\n");
     // Scrape latency by series count: per-pid series of N sleeping processes.
     report.push_str(
-        "`/metrics` latency with `stallwatch run --per-pid` (default probes) and N extra \
-         processes each waking every 10 ms (`swload sleep`), 200 sequential scrapes after a \
-         5 s warm-up. Series = exposition sample lines.\n\n\
-         | processes | series | p50 ms | p99 ms | max ms | agent RSS MiB |\n|---:|---:|---:|---:|---:|---:|\n",
+        "`/metrics` latency with `stallwatch run` (default probes) and N extra processes each \
+         waking every 10 ms (`swload sleep`), 200 sequential scrapes after a 5 s warm-up. \
+         Series = exposition sample lines. About 1k series: keys capped by `--max-series 8` \
+         (the rest fold into `_other`); about 10k and 20k: `--per-pid`, every process its own \
+         series.\n\n\
+         | agent flags | processes | series | p50 ms | p99 ms | max ms | agent RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for n in [8usize, 80] {
-        let agent = Agent::start_with(bin, &["--per-pid"])?;
+    for (flags, n) in [
+        (&["--max-series", "8"][..], 8usize),
+        (&["--per-pid"][..], 8),
+        (&["--per-pid"][..], 80),
+    ] {
+        let agent = Agent::start_with(bin, flags)?;
         let mut kids = Vec::new();
         for _ in 0..n {
             kids.push(
@@ -863,8 +869,11 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         ms.sort_by(f64::total_cmp);
         let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
         report.push_str(&format!(
-            "| {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
-            ms[100], ms[197], ms[199]
+            "| `{}` | {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
+            flags.join(" "),
+            ms[100],
+            ms[197],
+            ms[199]
         ));
         for mut k in kids {
             let _ = k.kill();

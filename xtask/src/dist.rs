@@ -46,6 +46,44 @@ const PLATFORMS: &[Platform] = &[
     },
 ];
 
+fn platform(arch: Arch) -> &'static Platform {
+    PLATFORMS
+        .iter()
+        .find(|p| p.arch == arch)
+        .expect("every Arch has a platform")
+}
+
+/// `cargo <args> --release --target <musl triple>`: static artifacts of `arch` with that
+/// architecture's eBPF object embedded (built here), cross-compiled when `arch` is not the
+/// host's. `dist` and `test-arm64` share these settings, and so their build cache.
+pub fn static_cargo(arch: Arch, args: &[&str]) -> anyhow::Result<Command> {
+    setup::dist_tools()?;
+    let p = platform(arch);
+    let object = build::ebpf(&EbpfArgs {
+        arch: Some(p.arch),
+        ..Default::default()
+    })?;
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(root())
+        // This architecture's object, whatever the environment says.
+        .env("STALLWATCH_EBPF_OBJ", &object)
+        // Symbols stay (profiles, backtraces); DWARF goes: a third of the size.
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
+        .args(args)
+        .args(["--release", "--target", p.triple]);
+    if p.arch != Arch::host() {
+        let env = p.triple.replace('-', "_");
+        cargo
+            .env(
+                format!("CARGO_TARGET_{}_LINKER", env.to_uppercase()),
+                p.cross_gcc,
+            )
+            .env(format!("CC_{env}"), p.cross_gcc);
+    }
+    Ok(cargo)
+}
+
 pub fn dist_dir() -> PathBuf {
     root().join("target/dist")
 }
@@ -80,41 +118,11 @@ pub fn run() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
 /// Builds the static (musl, release) agent for `arch` with that architecture's eBPF object
 /// embedded; returns its path under target/<triple>/release.
 pub fn build_static(arch: Arch) -> anyhow::Result<PathBuf> {
-    setup::dist_tools()?;
-    let p = PLATFORMS
-        .iter()
-        .find(|p| p.arch == arch)
-        .expect("every Arch has a platform");
-    let object = build::ebpf(&EbpfArgs {
-        arch: Some(p.arch),
-        ..Default::default()
-    })?;
-    let mut cargo = Command::new("cargo");
-    cargo
-        .current_dir(root())
-        // This architecture's object, whatever the environment says.
-        .env("STALLWATCH_EBPF_OBJ", &object)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "stallwatch",
-            "--bin",
-            "stallwatch",
-        ])
-        .args(["--target", p.triple])
-        // Symbols stay (profiles, backtraces); DWARF goes: a third of the size.
-        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
-    if p.arch != Arch::host() {
-        let env = p.triple.replace('-', "_");
-        cargo
-            .env(
-                format!("CARGO_TARGET_{}_LINKER", env.to_uppercase()),
-                p.cross_gcc,
-            )
-            .env(format!("CC_{env}"), p.cross_gcc);
-    }
-    cmd::run(&mut cargo)?;
+    let p = platform(arch);
+    cmd::run(&mut static_cargo(
+        arch,
+        &["build", "-p", "stallwatch", "--bin", "stallwatch"],
+    )?)?;
     let bin = root()
         .join("target")
         .join(p.triple)

@@ -1,5 +1,6 @@
 //! Project chores: toolchain setup, eBPF builds, the test command, benchmarks.
 
+mod arm64;
 mod bench;
 mod build;
 mod cmd;
@@ -63,6 +64,9 @@ enum Command {
     /// Render every dashboard panel to PNG (docs/dashboards) from a real Prometheus fed by
     /// the agent and test workloads (the end-to-end dashboard test). Needs root.
     DashboardsPreview,
+    /// Boot Debian's arm64 kernel in qemu-system-aarch64 with an initramfs holding the static
+    /// aarch64 agent; run `stallwatch check` and the run-queue ground-truth test there.
+    TestArm64(arm64::Args),
     /// Fuzz the parsers of untrusted input (cgroup paths and /proc bodies, executables,
     /// kernel BTF, config files) with cargo-fuzz for a while each; not part of CI.
     Fuzz(fuzz::Args),
@@ -106,6 +110,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Dist => dist::run().map(|_| ()),
         Command::DashboardsPreview => preview::run(),
+        Command::TestArm64(args) => arm64::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     }
 }

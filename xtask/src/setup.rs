@@ -248,6 +248,25 @@ pub fn dist_tools() -> anyhow::Result<()> {
     )
 }
 
+/// What `cargo xtask test-arm64` needs besides `dist_tools`: qemu-system-aarch64, and arm64
+/// as a foreign dpkg architecture so apt can fetch Debian's arm64 kernel and busybox
+/// packages (only downloaded and unpacked, never installed).
+pub fn arm64_vm_tools() -> anyhow::Result<()> {
+    dist_tools()?;
+    apt(&["qemu-system-arm"])?;
+    let foreign = cmd::output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if foreign.lines().any(|l| l.trim() == "arm64") {
+        eprintln!("ok: dpkg foreign architecture arm64");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("apt cannot fetch arm64 packages; as root: dpkg --add-architecture arm64 && apt-get update");
+    }
+    eprintln!("adding: dpkg foreign architecture arm64");
+    cmd::run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+    cmd::run(Command::new("apt-get").arg("update"))
+}
+
 pub fn run(test_tools: bool) -> anyhow::Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if test_tools {

@@ -64,7 +64,7 @@ fn pin_to(cpu: usize) {
 
 fn timespec(d: Duration) -> libc::timespec {
     libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
+        tv_sec: d.as_secs() as _,
         tv_nsec: d.subsec_nanos() as libc::c_long,
     }
 }
@@ -177,7 +177,7 @@ fn main() {
             } as libc::pid_t;
             if pid == 0 {
                 let ts = libc::timespec {
-                    tv_sec: (ms / 1000) as libc::time_t,
+                    tv_sec: (ms / 1000) as _,
                     tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
                 };
                 unsafe {

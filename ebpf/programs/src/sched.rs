@@ -201,10 +201,18 @@ pub fn sw_fork(ctx: BtfTracePointContext) -> u32 {
     // its entry here, where interrupts are on, rather than in sched_switch: the per-CPU
     // entries are allocated on demand and the allocator refills its cache from irq_work.
     let child: *const u8 = ctx.arg(1);
-    if let (Some(pid), Some(tgid)) = (task_pid(child), task_tgid(child)) {
-        if pid == tgid {
-            let _ = proc_stats(tgid);
-        }
+    // One read, one check, in order: with both reads before one combined check, LLVM tests
+    // the first read's result twice, and verifiers before ~6.8 cannot tell the second test
+    // is decided by the first (they do not narrow a scalar on `!= 0`), so they walk a path
+    // that reads an unset register and reject the program (seen on Debian 12's 6.1).
+    let Some(pid) = task_pid(child) else {
+        return 0;
+    };
+    let Some(tgid) = task_tgid(child) else {
+        return 0;
+    };
+    if pid == tgid {
+        let _ = proc_stats(tgid);
     }
     0
 }
