@@ -71,7 +71,11 @@ impl App {
             None
         };
         let counters = Arc::new(probes::KernelCounters::take(&mut ebpf)?);
-        let mut lifecycle = probes::lifecycle::Lifecycle::new(&mut ebpf, counters.clone())?;
+        let mut lifecycle = probes::lifecycle::Lifecycle::new(
+            &mut ebpf,
+            counters.clone(),
+            config.legacy_process_exit,
+        )?;
         let mut probes = Vec::new();
         let mut running = Vec::new();
         let mut tasks = Vec::new();

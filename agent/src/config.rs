@@ -27,6 +27,9 @@ pub struct Config {
     /// Attach the pre-5.18 sched_switch program even where the tracepoint passes prev_state,
     /// so the older kernels' code path can be tested here.
     pub legacy_sched_switch: bool,
+    /// Attach the sched_process_exit program of kernels whose tracepoint has no `group_dead`
+    /// (older kernels), which reads `p->signal->live` instead, so that path can be tested here.
+    pub legacy_process_exit: bool,
     /// Add a `syscall` label to the syscall probe's series (per-syscall detail).
     pub syscall_names: bool,
     /// Syscalls at least this long are streamed as slow-call events.
@@ -82,6 +85,7 @@ impl Default for Config {
             max_processes: 16384,
             event_buffer: 256 * 1024,
             legacy_sched_switch: false,
+            legacy_process_exit: false,
             syscall_names: false,
             slow_syscall: Duration::from_millis(100),
             syscall_pids: Vec::new(),
@@ -113,6 +117,7 @@ pub struct FileConfig {
     pub max_processes: Option<u32>,
     pub event_buffer: Option<u32>,
     pub legacy_sched_switch: Option<bool>,
+    pub legacy_process_exit: Option<bool>,
     pub syscall_names: Option<bool>,
     #[serde(default, with = "humantime_serde_compat::option")]
     pub slow_syscall: Option<Duration>,
@@ -162,6 +167,10 @@ pub struct Flags {
     /// Use the pre-5.18 sched_switch program (reads prev->__state); for testing.
     #[arg(long, hide = true, env = "STALLWATCH_LEGACY_SCHED_SWITCH", num_args = 0..=1, default_missing_value = "true")]
     pub legacy_sched_switch: Option<bool>,
+    /// Use the sched_process_exit program for kernels without `group_dead` (reads
+    /// p->signal->live); for testing.
+    #[arg(long, hide = true, env = "STALLWATCH_LEGACY_PROCESS_EXIT", num_args = 0..=1, default_missing_value = "true")]
+    pub legacy_process_exit: Option<bool>,
     /// Add a `syscall` label to syscall series (one series per syscall used, not per class).
     #[arg(long, env = "STALLWATCH_SYSCALL_NAMES", num_args = 0..=1, default_missing_value = "true")]
     pub syscall_names: Option<bool>,
@@ -244,6 +253,10 @@ impl Flags {
                 .legacy_sched_switch
                 .or(file.legacy_sched_switch)
                 .unwrap_or(d.legacy_sched_switch),
+            legacy_process_exit: self
+                .legacy_process_exit
+                .or(file.legacy_process_exit)
+                .unwrap_or(d.legacy_process_exit),
             syscall_names: self
                 .syscall_names
                 .or(file.syscall_names)

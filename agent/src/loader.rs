@@ -61,6 +61,14 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .kbtf
         .member_offset("task_struct", state_field)
         .with_context(|| format!("finding task_struct.{state_field} in kernel BTF"))?;
+    let signal_off = kernel
+        .kbtf
+        .member_offset("task_struct", "signal")
+        .context("finding task_struct.signal in kernel BTF")?;
+    let live_off = kernel
+        .kbtf
+        .member_offset("signal_struct", "live")
+        .context("finding signal_struct.live in kernel BTF")?;
     // The syscall probe's scope and mode are frozen into the object, so the verifier prunes
     // the branches they rule out. A bad scope fails here, before anything loads.
     let scope = if config.probe_enabled(crate::probes::syscalls::NAME) {
@@ -96,6 +104,8 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .override_global(names::GLOBAL_TASK_PID_OFFSET, &pid_off, true)
         .override_global(names::GLOBAL_TASK_TGID_OFFSET, &tgid_off, true)
         .override_global(names::GLOBAL_TASK_STATE_OFFSET, &state_off, true)
+        .override_global(names::GLOBAL_TASK_SIGNAL_OFFSET, &signal_off, true)
+        .override_global(names::GLOBAL_SIGNAL_LIVE_OFFSET, &live_off, true)
         .override_global(names::GLOBAL_SC_FILTER, &scope.filter, true)
         .override_global(names::GLOBAL_SC_CG_LEVELS, &scope.levels, true)
         .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)

@@ -222,7 +222,14 @@ fn the_aarch64_programs_pass_this_kernels_verifier() {
     // read registers (uprobe arguments, syscall arguments) and struct layouts, which the
     // verifier checks against this kernel: the aarch64 object must load and attach here.
     let object = workspace_root().join("target/ebpf/aarch64/stallwatch.bpf.o");
-    for extra in [&[][..], &["--legacy-sched-switch", "--syscall-names"][..]] {
+    for extra in [
+        &[][..],
+        &[
+            "--legacy-sched-switch",
+            "--legacy-process-exit",
+            "--syscall-names",
+        ][..],
+    ] {
         let text = run(Command::new(env!("CARGO_BIN_EXE_stallwatch"))
             .arg("check")
             .arg("--ebpf-object")
@@ -233,6 +240,13 @@ fn the_aarch64_programs_pass_this_kernels_verifier() {
             assert!(
                 text.contains(&format!("ok   probe {probe}")),
                 "aarch64 {probe} {extra:?}:\n{text}"
+            );
+        }
+        for legacy in ["sw_switch_v1", "sw_proc_exit_v1"] {
+            assert_eq!(
+                text.contains(legacy),
+                !extra.is_empty(),
+                "{legacy} {extra:?}:\n{text}"
             );
         }
     }

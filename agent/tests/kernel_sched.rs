@@ -385,7 +385,30 @@ fn series_of_exited_processes_are_removed_after_exit_grace() {
     let Some(_g) = kernel_or_skip("series_of_exited_processes_are_removed_after_exit_grace") else {
         return;
     };
-    let agent = Agent::start(&["--per-pid", "--exit-grace", "2s"]);
+    exited_series_removed(&Agent::start(&["--per-pid", "--exit-grace", "2s"]));
+}
+
+/// Kernels whose sched_process_exit has no `group_dead` (Debian 12's 6.1, say) get a program
+/// that reads `p->signal->live`: exits must still arrive as events, not by the slow sweep.
+#[test]
+fn legacy_process_exit_program_removes_exited_series_as_fast() {
+    let Some(_g) = kernel_or_skip("legacy_process_exit_program_removes_exited_series_as_fast")
+    else {
+        return;
+    };
+    let agent = Agent::start(&["--per-pid", "--exit-grace", "2s", "--legacy-process-exit"]);
+    let (_, ready) = agent.get("/readyz");
+    assert!(ready.contains("sw_proc_exit_v1"), "{ready}");
+    exited_series_removed(&agent);
+    // A multi-threaded process: only the thread that takes signal->live to 0 reports it.
+    let w = Workload::run(&["spin", "4", "300", "0"], Duration::from_secs(10));
+    let pid = w.pid_label();
+    assert!(agent.scrape().sum(CSWCH, &[("pid", &pid)]) > 0.0);
+    w.finish();
+    exited_series_gone(&agent, &pid);
+}
+
+fn exited_series_removed(agent: &Agent) {
     let w = Workload::run(&["sleep", "3", "10"], Duration::from_secs(10));
     let pid = w.pid_label();
     let m = agent.scrape();
@@ -395,12 +418,18 @@ fn series_of_exited_processes_are_removed_after_exit_grace() {
     // Still there (and not lower) right after the exit: the grace period keeps it.
     let m = agent.scrape();
     assert!(m.sum(CSWCH, &[("pid", &pid)]) >= switches);
-    let gone =
-        wait_until(Duration::from_secs(10), || {
-            !agent.scrape().0.keys().any(|(n, labels)| {
-                n == CSWCH && labels.iter().any(|(k, v)| k == "pid" && *v == pid)
-            })
-        });
+    exited_series_gone(agent, &pid);
+}
+
+/// Within 10 s of the exit, with a 2 s grace: an exit event, not the sweep (up to 20 s).
+fn exited_series_gone(agent: &Agent, pid: &str) {
+    let gone = wait_until(Duration::from_secs(10), || {
+        !agent
+            .scrape()
+            .0
+            .keys()
+            .any(|(n, labels)| n == CSWCH && labels.iter().any(|(k, v)| k == "pid" && v == pid))
+    });
     assert!(
         gone,
         "series of pid {pid} still exported 10 s after it exited (grace 2 s)"

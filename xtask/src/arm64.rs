@@ -2,7 +2,8 @@
 //! (`linux-image-arm64` from the archive) boots in qemu-system-aarch64 (TCG: no arm64 host
 //! needed) with an initramfs of busybox, the static aarch64 agent and the aarch64 build of a
 //! kernel test binary. There it runs `stallwatch check`, then the chosen kernel tests (by
-//! default the run-queue ground-truth test) under STALLWATCH_REQUIRE_KERNEL=1, and powers off.
+//! default the run-queue ground-truth test and the other sched tests that need no host tools)
+//! under STALLWATCH_REQUIRE_KERNEL=1, and powers off.
 //! The console goes to the terminal and to target/arm64-vm/console.log.
 //!
 //! The test binary finds the agent and the workload helper at the absolute paths cargo built
@@ -18,9 +19,20 @@ use anyhow::{bail, Context};
 use crate::build::Arch;
 use crate::{cmd, dist, root, setup};
 
-/// The kernel test run by default: its agent's run-queue latency sum against
-/// /proc/<pid>/task/*/schedstat.
-const DEFAULT_TESTS: &[&str] = &["runqueue_latency_matches_schedstat_run_delay"];
+/// The kernel tests run by default: those of the suite that need nothing but the agent and
+/// its workload helper (the others call promtool, setpriv or /bin/true, absent in the VM).
+/// First the run-queue ground truth (the agent's latency sum against
+/// /proc/<pid>/task/*/schedstat), then switch counts against /proc status, off-CPU buckets,
+/// the legacy programs older kernels need, and exit handling.
+const DEFAULT_TESTS: &[&str] = &[
+    "runqueue_latency_matches_schedstat_run_delay",
+    "context_switches_match_proc_status",
+    "voluntary_sleeps_are_counted_in_the_50ms_bucket",
+    "vfork_parent_waits_uninterruptible",
+    "legacy_sched_switch_program_matches_the_same_ground_truth",
+    "series_of_exited_processes_are_removed_after_exit_grace",
+    "legacy_process_exit_program_removes_exited_series_as_fast",
+];
 /// The integration test binary (agent/tests/<name>.rs) the tests come from.
 const DEFAULT_SUITE: &str = "kernel_sched";
 /// Printed by the VM's init; the host reads results only from lines starting with it.
@@ -31,24 +43,27 @@ pub struct Args {
     /// Integration test binary (agent/tests/<suite>.rs) to run in the VM.
     #[arg(long, default_value = DEFAULT_SUITE)]
     pub suite: String,
-    /// Exact test names to run (repeatable); default: the run-queue ground-truth test.
-    /// `--all` runs every test of the suite instead.
+    /// Exact test names to run (repeatable); default: the run-queue ground-truth test and
+    /// the other kernel_sched tests that need no host tools. `--all` runs every test of the
+    /// suite instead.
     #[arg(long = "test")]
     pub tests: Vec<String>,
     /// Every test of the suite.
     #[arg(long, conflicts_with = "tests")]
     pub all: bool,
     /// Give up on the VM after this many seconds.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = Args::default().timeout)]
     pub timeout: u64,
-    /// vCPUs and memory (MiB) of the VM.
-    #[arg(long, default_value_t = 2)]
+    /// vCPUs of the VM.
+    #[arg(long, default_value_t = Args::default().cpus)]
     pub cpus: u32,
-    #[arg(long, default_value_t = 2048)]
+    /// Memory of the VM, MiB.
+    #[arg(long, default_value_t = Args::default().memory)]
     pub memory: u32,
 }
 
 impl Default for Args {
+    /// What the test command runs; also the flags' defaults.
     fn default() -> Args {
         Args {
             suite: DEFAULT_SUITE.into(),
@@ -70,7 +85,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     setup::arm64_vm_tools()?;
     let dir = vm_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (kernel, busybox, release) = debian_packages(&dir)?;
+    let (kernel, busybox, release) = match debian_packages(&dir) {
+        Ok(found) => found,
+        Err(e) => {
+            // Stale package lists name versions the archive has since dropped.
+            eprintln!("{e:#}; refreshing the package lists and trying again");
+            cmd::run(Command::new("apt-get").arg("update"))?;
+            debian_packages(&dir)?
+        }
+    };
     let fetched = started.elapsed();
 
     let built = build(&args.suite)?;
@@ -105,7 +128,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// busybox-static; returns the kernel Image, the busybox binary and the kernel release.
 fn debian_packages(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     // linux-image-arm64 is the metapackage; it depends on the current versioned image.
-    let depends = cmd::output(Command::new("apt-cache").args(["depends", "linux-image-arm64:arm64"]))?;
+    let depends =
+        cmd::output(Command::new("apt-cache").args(["depends", "linux-image-arm64:arm64"]))?;
     let image = depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -185,7 +209,10 @@ fn build(suite: &str) -> anyhow::Result<Built> {
         let Some(exe) = msg["executable"].as_str() else {
             continue;
         };
-        let kinds = msg["target"]["kind"].as_array().cloned().unwrap_or_default();
+        let kinds = msg["target"]["kind"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if kinds.iter().any(|k| k == "test") && msg["target"]["name"] == suite {
             test = Some(PathBuf::from(exe));
         } else if kinds.iter().any(|k| k == "bin") {
@@ -255,12 +282,7 @@ poweroff -f
 }
 
 /// Writes a gzipped newc cpio archive: the init script, busybox and the built binaries.
-fn write_initramfs(
-    path: &Path,
-    busybox: &Path,
-    built: &Built,
-    init: &str,
-) -> anyhow::Result<()> {
+fn write_initramfs(path: &Path, busybox: &Path, built: &Built, init: &str) -> anyhow::Result<()> {
     let mut cpio = Cpio::default();
     for d in [
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "tests",
@@ -285,7 +307,8 @@ fn write_initramfs(
         }
         cpio.file(&rel.to_string_lossy(), 0o755, read(bin)?);
     }
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
     gz.write_all(&cpio.finish())?;
     gz.finish()?;
@@ -414,18 +437,30 @@ impl Results {
 /// Boots the VM, streams its console to stderr and `log`, and returns what init reported.
 fn boot(args: &Args, kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result<Results> {
     let mut qemu = Command::new("qemu-system-aarch64");
-    qemu.args(["-machine", "virt", "-accel", "tcg,thread=multi", "-cpu", "max"])
-        .args(["-smp", &args.cpus.to_string(), "-m", &args.memory.to_string()])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        // panic=-1: a failed init reboots at once, and -no-reboot turns that into an exit.
-        .args(["-append", "console=ttyAMA0 panic=-1 quiet rdinit=/init"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    qemu.args([
+        "-machine",
+        "virt",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+    ])
+    .args([
+        "-smp",
+        &args.cpus.to_string(),
+        "-m",
+        &args.memory.to_string(),
+    ])
+    .args(["-nographic", "-no-reboot", "-nic", "none"])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    // panic=-1: a failed init reboots at once, and -no-reboot turns that into an exit.
+    .args(["-append", "console=ttyAMA0 panic=-1 quiet rdinit=/init"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     eprintln!("+ {qemu:?}");
     let mut child = qemu.spawn().context("starting qemu-system-aarch64")?;
     let stdout = child.stdout.take().expect("piped");
@@ -494,7 +529,11 @@ mod tests {
         let e = r.verdict().unwrap_err().to_string();
         assert!(e.contains("tests exited 101"), "{e}");
         let mut ok = Results::default();
-        for l in ["SW-ARM64 rc check 0", "SW-ARM64 rc tests 0", "SW-ARM64 done"] {
+        for l in [
+            "SW-ARM64 rc check 0",
+            "SW-ARM64 rc tests 0",
+            "SW-ARM64 done",
+        ] {
             ok.parse_line(l);
         }
         ok.verdict().unwrap();

@@ -46,7 +46,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The project's test command: setup, eBPF build (x86_64 and aarch64), every test.
+    /// The project's test command: setup, eBPF build (x86_64 and aarch64), every test, and
+    /// the arm64 kernel tests in qemu (`test-arm64`).
     /// Kernel tests need root; under STALLWATCH_REQUIRE_KERNEL=1 a skip is a failure.
     Test {
         /// Skip `setup` (tools already installed).

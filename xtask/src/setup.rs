@@ -276,7 +276,7 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if test_tools {
         go_toolchains()?;
         deploy_tools()?;
-        dist_tools()?;
+        arm64_vm_tools()?;
     }
     if nightly_rust_src() {
         eprintln!("ok: nightly rust-src");

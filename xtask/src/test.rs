@@ -7,8 +7,8 @@ use crate::{cmd, root, setup};
 
 /// Setup (unless `no_setup`), the static binaries and image (`dist`, which builds the eBPF
 /// objects of both architectures), the host's object (embedded and tested), the agent's
-/// binaries the kernel tests spawn, then every test.
-/// The environment passes through (CI sets STALLWATCH_REQUIRE_KERNEL=1).
+/// binaries the kernel tests spawn, then every test, then the arm64 kernel tests in qemu
+/// (`test-arm64`). The environment passes through (CI sets STALLWATCH_REQUIRE_KERNEL=1).
 pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
     if !no_setup {
         setup::run(true)?;
@@ -22,5 +22,6 @@ pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
             .current_dir(root())
             .args(["test", "--workspace", "--all-targets", "--"])
             .args(extra),
-    )
+    )?;
+    crate::arm64::run(&crate::arm64::Args::default())
 }

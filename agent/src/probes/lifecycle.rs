@@ -23,8 +23,9 @@ pub type Subscriber = Arc<Mutex<dyn ProcessEvents>>;
 pub struct Lifecycle {
     ring: Option<RingBuf<MapData>>,
     subscribers: Vec<Subscriber>,
-    /// Whether exit events flow; without them the probes' sweeps find exits.
-    pub exit_events: bool,
+    /// Attach the sched_process_exit program for kernels without `group_dead` even where
+    /// the tracepoint has it (`--legacy-process-exit`, for tests).
+    legacy_exit: bool,
     pub programs: Vec<&'static str>,
     bad_event: Arc<std::sync::atomic::AtomicU64>,
     counters: Arc<KernelCounters>,
@@ -32,7 +33,11 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// Takes the event ring; attaches nothing until a probe subscribes.
-    pub fn new(ebpf: &mut Ebpf, counters: Arc<KernelCounters>) -> anyhow::Result<Self> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        counters: Arc<KernelCounters>,
+        legacy_exit: bool,
+    ) -> anyhow::Result<Self> {
         let ring =
             RingBuf::try_from(ebpf.take_map(names::MAP_EVENTS).with_context(|| {
                 format!("map {} missing from the eBPF object", names::MAP_EVENTS)
@@ -40,7 +45,7 @@ impl Lifecycle {
         Ok(Lifecycle {
             ring: Some(ring),
             subscribers: Vec::new(),
-            exit_events: false,
+            legacy_exit,
             programs: Vec::new(),
             bad_event: Default::default(),
             counters,
@@ -65,21 +70,28 @@ impl Lifecycle {
         attach_tp_btf(ebpf, kernel, names::PROG_PROC_EXEC, "sched_process_exec")?;
         self.programs.push(names::PROG_PROC_EXEC);
         // btf_trace_* prototypes start with the `void *` context argument.
-        match kernel
+        // Kernels whose tracepoint passes group_dead say when a process's last thread exits;
+        // on older ones the program reads p->signal->live instead.
+        let has_group_dead = kernel
             .kbtf
             .func_proto_param_count("btf_trace_sched_process_exit")
-        {
-            Ok(3) => {
-                attach_tp_btf(ebpf, kernel, names::PROG_PROC_EXIT, "sched_process_exit")?;
-                self.programs.push(names::PROG_PROC_EXIT);
-                self.exit_events = true;
-            }
-            _ => log::warn!(
-                "sched_process_exit has no group_dead argument on this kernel; exited processes \
-                 are retired by the periodic sweep (up to {}s late)",
-                super::process::SWEEP_INTERVAL.as_secs() * 2
-            ),
-        }
+            .is_ok_and(|n| n == 3);
+        let program = if has_group_dead && !self.legacy_exit {
+            names::PROG_PROC_EXIT
+        } else {
+            log::info!(
+                "sched_process_exit has no group_dead argument{}: exits are detected from \
+                 signal->live",
+                if has_group_dead {
+                    " in use (--legacy-process-exit)"
+                } else {
+                    " on this kernel"
+                }
+            );
+            names::PROG_PROC_EXIT_V1
+        };
+        attach_tp_btf(ebpf, kernel, program, "sched_process_exit")?;
+        self.programs.push(program);
         Ok(())
     }
 

@@ -19,7 +19,7 @@ pub const NAME: &str = "sched";
 /// Which programs attach, chosen from the kernel's tracepoint prototypes.
 pub struct Plan {
     pub switch: &'static str,
-    /// `None` when sched_process_exit has no `group_dead` argument.
+    /// `None` when sched_process_exit has a prototype this agent does not know.
     pub exit: Option<&'static str>,
 }
 

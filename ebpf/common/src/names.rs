@@ -64,6 +64,10 @@ pub const GLOBAL_TASK_TGID_OFFSET: &str = "TASK_TGID_OFF";
 pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFF";
 /// Global set by the agent: byte offset of `task_struct.__state` (for the 3-argument sched_switch).
 pub const GLOBAL_TASK_STATE_OFFSET: &str = "TASK_STATE_OFF";
+/// Global set by the agent from kernel BTF: byte offset of `task_struct.signal`.
+pub const GLOBAL_TASK_SIGNAL_OFFSET: &str = "TASK_SIGNAL_OFF";
+/// Global set by the agent from kernel BTF: byte offset of `signal_struct.live`.
+pub const GLOBAL_SIGNAL_LIVE_OFFSET: &str = "SIGNAL_LIVE_OFF";
 
 /// tp_btf/sched_switch for kernels whose tracepoint passes `prev_state` (v5.18+).
 pub const PROG_SWITCH: &str = "sw_switch";
@@ -76,6 +80,9 @@ pub const PROG_EXIT: &str = "sw_exit";
 /// Process lifecycle (shared by every per-process probe): tp_btf/sched_process_exit, sends
 /// an exit event when the last thread goes; needs the `group_dead` argument (checked in BTF).
 pub const PROG_PROC_EXIT: &str = "sw_proc_exit";
+/// tp_btf/sched_process_exit for kernels whose tracepoint has no `group_dead`: a process is
+/// gone when its `signal->live` thread count is 0.
+pub const PROG_PROC_EXIT_V1: &str = "sw_proc_exit_v1";
 /// tp_btf/sched_process_exec: sends an exec event.
 pub const PROG_PROC_EXEC: &str = "sw_proc_exec";
 /// tp_btf/sys_enter and sys_exit (raw_syscalls).
@@ -160,6 +167,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_EXIT,
     PROG_FORK,
     PROG_PROC_EXIT,
+    PROG_PROC_EXIT_V1,
     PROG_PROC_EXEC,
     PROG_SYS_ENTER,
     PROG_SYS_EXIT,

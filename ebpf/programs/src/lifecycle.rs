@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use stallwatch_common::{EVENT_EXEC, EVENT_EXIT};
 
-use crate::shared::emit_current;
+use crate::shared::{emit_current, task_live_threads};
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sw_proc_exit(ctx: BtfTracePointContext) -> u32 {
@@ -14,6 +14,19 @@ pub fn sw_proc_exit(ctx: BtfTracePointContext) -> u32 {
     // when its last thread exits.
     let group_dead: u64 = ctx.arg(1);
     if group_dead & 0xff != 0 {
+        emit_current(EVENT_EXIT, (bpf_get_current_pid_tgid() >> 32) as u32);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sw_proc_exit_v1(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *p) before group_dead was added; p is current. do_exit()
+    // decrements signal->live before this tracepoint, so the last thread to exit sees 0.
+    // Threads exiting together may all see 0: the agent takes repeated exits of one tgid
+    // as one. A live process is never reported (its count is above 0).
+    let p: *const u8 = ctx.arg(0);
+    if task_live_threads(p) == Some(0) {
         emit_current(EVENT_EXIT, (bpf_get_current_pid_tgid() >> 32) as u32);
     }
     0

@@ -26,6 +26,14 @@ static TASK_PID_OFF: u32 = 0;
 #[no_mangle]
 static TASK_STATE_OFF: u32 = 0;
 
+/// Byte offset of `task_struct.signal`, from kernel BTF.
+#[no_mangle]
+static TASK_SIGNAL_OFF: u32 = 0;
+
+/// Byte offset of `signal_struct.live` (an `atomic_t`: its counter first), from kernel BTF.
+#[no_mangle]
+static SIGNAL_LIVE_OFF: u32 = 0;
+
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = SW_COUNTERS.get_ptr_mut(counter as u32) {
@@ -82,6 +90,13 @@ pub fn task_pid(task: *const u8) -> Option<u32> {
 #[inline(always)]
 pub fn task_state(task: *const u8) -> Option<u32> {
     read_task_u32(task, &TASK_STATE_OFF)
+}
+
+/// `task->signal->live`: how many of the process's threads have not yet started to exit.
+#[inline(always)]
+pub fn task_live_threads(task: *const u8) -> Option<i32> {
+    let signal: *const u8 = read_field(task, &TASK_SIGNAL_OFF)?;
+    read_field(signal, &SIGNAL_LIVE_OFF)
 }
 
 /// Streams a lifecycle event of the current process; a full ring buffer is counted.
