@@ -136,6 +136,11 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
                 .unwrap_or(u32::MAX)
                 .max(1),
         );
+    if !crate::probes::lifecycle::Lifecycle::uses_legacy_exit(kernel, config.legacy_process_exit) {
+        // Only the older kernels' exit program uses it: one entry instead of 4,096 (LRU maps
+        // are preallocated).
+        loader.map_max_entries(names::MAP_EXITED, 1);
+    }
     loader
         .load(object)
         .context("loading the eBPF object (creating maps)")

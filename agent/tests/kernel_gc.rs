@@ -355,6 +355,38 @@ fn go_pauses_match_read_gc_stats_for_every_toolchain_and_build() {
     );
 }
 
+/// One Go program held to the same ground truth on whatever machine runs the test. With
+/// STALLWATCH_GO_GCPAUSE it is that prebuilt binary: `cargo xtask test-arm64` builds the fixture
+/// for arm64 on the host (the VM has no Go toolchain), and this is where the gc probe's
+/// architecture-specific code (Go's register ABI on arm64) meets a real arm64 kernel.
+#[test]
+fn go_pauses_match_read_gc_stats_on_this_architecture() {
+    let Some(_guard) = kernel_or_skip("go_pauses_match_read_gc_stats_on_this_architecture") else {
+        return;
+    };
+    let program = match std::env::var_os("STALLWATCH_GO_GCPAUSE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let Some(go) = go_toolchain("1.27.3") else {
+                return;
+            };
+            let out = scratch("go-arch").join("gcpause");
+            go_build(&go, Build::Plain, &out);
+            out
+        }
+    };
+    let agent = Agent::start(&["--probes", "gc", "--per-pid"]);
+    let p = Interactive::spawn(&mut Command::new(&program));
+    check_go(
+        &agent,
+        p,
+        &format!("{} on {}", program.display(), std::env::consts::ARCH),
+        true,
+        true,
+    );
+    assert_eq!(agent.scrape().sum(FAILURES, &[]), 0.0, "{}", agent.log());
+}
+
 fn fixture(name: &str) -> PathBuf {
     root().join("agent/tests/fixtures").join(name)
 }

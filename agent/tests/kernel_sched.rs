@@ -400,12 +400,21 @@ fn legacy_process_exit_program_removes_exited_series_as_fast() {
     let (_, ready) = agent.get("/readyz");
     assert!(ready.contains("sw_proc_exit_v1"), "{ready}");
     exited_series_removed(&agent);
-    // A multi-threaded process: only the thread that takes signal->live to 0 reports it.
+    // A multi-threaded process: its threads reach the tracepoint one by one (or several see
+    // live at 0 together); the series still goes, and no exit is missed or unattributed.
     let w = Workload::run(&["spin", "4", "300", "0"], Duration::from_secs(10));
     let pid = w.pid_label();
     assert!(agent.scrape().sum(CSWCH, &[("pid", &pid)]) > 0.0);
     w.finish();
     exited_series_gone(&agent, &pid);
+    let m = agent.scrape();
+    for reason in ["exit_missed", "unattributed"] {
+        assert_eq!(
+            m.sum("stallwatch_events_dropped_total", &[("reason", reason)]),
+            0.0,
+            "{reason}"
+        );
+    }
 }
 
 fn exited_series_removed(agent: &Agent) {

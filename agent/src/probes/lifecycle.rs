@@ -69,23 +69,16 @@ impl Lifecycle {
     fn attach(&mut self, ebpf: &mut Ebpf, kernel: &KernelInfo) -> anyhow::Result<()> {
         attach_tp_btf(ebpf, kernel, names::PROG_PROC_EXEC, "sched_process_exec")?;
         self.programs.push(names::PROG_PROC_EXEC);
-        // btf_trace_* prototypes start with the `void *` context argument.
-        // Kernels whose tracepoint passes group_dead say when a process's last thread exits;
-        // on older ones the program reads p->signal->live instead.
-        let has_group_dead = kernel
-            .kbtf
-            .func_proto_param_count("btf_trace_sched_process_exit")
-            .is_ok_and(|n| n == 3);
+        let has_group_dead = has_group_dead(kernel);
         let program = if has_group_dead && !self.legacy_exit {
             names::PROG_PROC_EXIT
         } else {
             log::info!(
-                "sched_process_exit has no group_dead argument{}: exits are detected from \
-                 signal->live",
+                "sched_process_exit: exits detected from signal->live ({})",
                 if has_group_dead {
-                    " in use (--legacy-process-exit)"
+                    "--legacy-process-exit"
                 } else {
-                    " on this kernel"
+                    "this kernel's tracepoint has no group_dead argument"
                 }
             );
             names::PROG_PROC_EXIT_V1
@@ -93,6 +86,12 @@ impl Lifecycle {
         attach_tp_btf(ebpf, kernel, program, "sched_process_exit")?;
         self.programs.push(program);
         Ok(())
+    }
+
+    /// Whether the exit program for kernels without `group_dead` (and its `SW_EXITED` map)
+    /// will be used.
+    pub fn uses_legacy_exit(kernel: &KernelInfo, legacy_exit: bool) -> bool {
+        legacy_exit || !has_group_dead(kernel)
     }
 
     pub fn dispatch(&self, raw: &[u8], now: Instant) {
@@ -183,4 +182,14 @@ impl super::Probe for LifecycleHealth {
     fn series_overflow(&self) -> Option<u64> {
         None
     }
+}
+
+/// Kernels whose sched_process_exit passes group_dead say when a process's last thread exits;
+/// on older ones the program reads p->signal->live instead.
+fn has_group_dead(kernel: &KernelInfo) -> bool {
+    // btf_trace_* prototypes start with the `void *` context argument.
+    kernel
+        .kbtf
+        .func_proto_param_count("btf_trace_sched_process_exit")
+        .is_ok_and(|n| n == 3)
 }

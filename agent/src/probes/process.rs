@@ -92,7 +92,7 @@ impl<V: aya::Pod + Counters + Send + Sync> Source for TgidMap<V> {
 /// Userspace-side drops, exported beside the kernel's counters.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct UserDrops {
-    /// A tracked process vanished without an exit event (ring buffer drop, or no exit probe).
+    /// A tracked process vanished without an exit event (a full ring buffer dropped it).
     pub exit_missed: u64,
     /// A process left data but neither /proc nor an event told us who it was.
     pub unattributed: u64,

@@ -99,7 +99,8 @@ pub const TASK_COMM_LEN: usize = 16;
 
 /// A process lifecycle event, streamed through the `SW_EVENTS` ring buffer.
 ///
-/// `EVENT_EXIT` is sent once per process, when its last thread exits (`group_dead`);
+/// `EVENT_EXIT` is sent once per process, when its last thread exits (`group_dead`, or
+/// `signal->live` at 0 on older kernels);
 /// `EVENT_EXEC` when a process replaces its image (its comm changes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -8,6 +8,8 @@ pub const MAP_THREADS: &str = "SW_THREADS";
 pub const MAP_PROC_SCHED: &str = "SW_PROC_SCHED";
 /// Process exit/exec events (`RingBuf` of `ProcEvent`).
 pub const MAP_EVENTS: &str = "SW_EVENTS";
+/// The legacy exit program's memory of reported exits: tgid -> its `signal_struct` address.
+pub const MAP_EXITED: &str = "SW_EXITED";
 /// Drop and bookkeeping counters (`PerCpuArray<u64>`, indexed by `Counter`).
 pub const MAP_COUNTERS: &str = "SW_COUNTERS";
 
@@ -130,6 +132,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_THREADS,
     MAP_PROC_SCHED,
     MAP_EVENTS,
+    MAP_EXITED,
     MAP_COUNTERS,
     MAP_SC_THREADS,
     MAP_SC_CLASSES,

@@ -92,11 +92,13 @@ pub fn task_state(task: *const u8) -> Option<u32> {
     read_task_u32(task, &TASK_STATE_OFF)
 }
 
-/// `task->signal->live`: how many of the process's threads have not yet started to exit.
+/// `task->signal->live` (how many of the process's threads have not yet started to exit) and
+/// the `signal_struct` address, which identifies the process while it exists.
 #[inline(always)]
-pub fn task_live_threads(task: *const u8) -> Option<i32> {
+pub fn task_live_threads(task: *const u8) -> Option<(i32, u64)> {
     let signal: *const u8 = read_field(task, &TASK_SIGNAL_OFF)?;
-    read_field(signal, &SIGNAL_LIVE_OFF)
+    let live = read_field(signal, &SIGNAL_LIVE_OFF)?;
+    Some((live, signal as u64))
 }
 
 /// Streams a lifecycle event of the current process; a full ring buffer is counted.
