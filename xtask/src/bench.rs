@@ -3,7 +3,8 @@
 //!
 //! 1. BPF cost per event: kernel BPF stats (run time and count per program, via bpftool)
 //!    while `perf bench sched pipe` runs pinned to one CPU, with libbpf-tools `runqlat` and
-//!    `offcputime` attached in the same run. Context switches come from /proc/stat `ctxt`.
+//!    `offcputime` attached in the same run, and an empty bpftrace program on sched_switch as
+//!    the floor any program pays per run. Context switches come from /proc/stat `ctxt`.
 //! 2. Slowdown: alternating agent-off / agent-on runs of the same pinned sched-pipe benchmark;
 //!    medians of the pairs, with the spread.
 //! 3. Syscall probe cost per syscall: the same BPF stats while `perf bench syscall basic`
@@ -157,7 +158,10 @@ impl Drop for Agent {
     }
 }
 
-/// A libbpf-tools peer running in the background until dropped.
+/// An empty program on the sched_switch raw tracepoint: the floor of BPF cost per run.
+const EMPTY_SWITCH_PROGRAM: &str = "rawtracepoint:sched_switch { }";
+
+/// A libbpf-tools peer (or bpftrace) running in the background until dropped.
 struct Peer(Child);
 
 impl Peer {
@@ -167,7 +171,7 @@ impl Peer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (libbpf-tools; `cargo xtask setup`)", argv[0]))?;
+            .with_context(|| format!("starting {} (`cargo xtask setup` installs it)", argv[0]))?;
         Ok(Peer(child))
     }
 }
@@ -255,6 +259,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _offcpu = Peer::start(&["offcputime", "3600"])?;
         let ids = wait_ids(&base)?;
         owners.push(("offcputime", ids));
+        // The floor: what any program on this hook pays per run here.
+        let base = prog_stats()?;
+        let _empty = Peer::start(&["bpftrace", "-e", EMPTY_SWITCH_PROGRAM])?;
+        let ids = wait_ids(&base)?;
+        owners.push(("empty", ids));
         let before = prog_stats()?;
         let ctxt0 = context_switches()?;
         let usecs = sched_pipe(args.loops)?;
@@ -273,10 +282,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         (rows, ctxt, usecs)
     };
     let tool_ns = |tool: &str| -> u64 { rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum() };
-    let (ours, runqlat, offcpu) = (
+    let ours_runs: u64 = rows
+        .iter()
+        .filter(|r| r.0 == "stallwatch")
+        .map(|r| r.3)
+        .sum();
+    let (ours, runqlat, offcpu, empty) = (
         tool_ns("stallwatch"),
         tool_ns("runqlat"),
         tool_ns("offcputime"),
+        tool_ns("empty"),
     );
     report.push_str(&format!(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
@@ -300,8 +315,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "## BPF cost per event (sched probe vs libbpf-tools, same run)\n\n\
          Workload: `{pipe}` ({ctxt} context switches system-wide, {usecs_all:.3} usecs/op with \
          everything attached). Agent: `stallwatch run` (probes: sched); peers: `runqlat 3600`, \
-         `offcputime 3600`; kernel.bpf_stats_enabled=1; per-program run time and count from \
-         `bpftool prog show --json` before and after.\n\n\
+         `offcputime 3600`, and as the floor an empty program (`bpftrace -e \
+         '{EMPTY_SWITCH_PROGRAM}'`, tool `empty`); kernel.bpf_stats_enabled=1; per-program run \
+         time and count from `bpftool prog show --json` before and after.\n\n\
          | tool | program | runs | total ns | ns/run |\n|---|---|---:|---:|---:|\n"
     ));
     for (tool, name, dt, dc) in &rows {
@@ -319,14 +335,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          | tool | ns per context switch |\n|---|---:|\n\
          | stallwatch sched (all programs) | {:.1} |\n\
          | libbpf-tools runqlat | {:.1} |\n\
-         | libbpf-tools offcputime | {:.1} |\n\n\
+         | libbpf-tools offcputime | {:.1} |\n\
+         | an empty program (floor per program run) | {:.1} |\n\n\
          stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch and \
          ≤ 0.5× runqlat. Programs are attributed to tools by load order (ids new after each \
-         tool started). Note kernel BPF stats add their own clock reads to every run.\n\n",
+         tool started). Kernel BPF stats add their own clock reads to every run; the empty \
+         program shows what entering a program and those reads cost here. stallwatch runs \
+         {:.2} programs per context switch (`sw_switch` on every one, `sw_wakeup` on each \
+         wakeup), so {:.1} ns of its time per switch is that floor.\n\n",
         per_switch(ours),
         per_switch(runqlat),
         per_switch(offcpu),
+        per_switch(empty),
         ours as f64 / runqlat.max(1) as f64,
+        ours_runs as f64 / ctxt.max(1) as f64,
+        per_switch(empty) * ours_runs as f64 / ctxt.max(1) as f64,
     ));
 
     // 2. Slowdown, agent off/on alternating.

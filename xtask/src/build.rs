@@ -98,8 +98,12 @@ pub fn ebpf(args: &EbpfArgs) -> anyhow::Result<PathBuf> {
     let out_dir = root.join("target/ebpf").join(arch.as_str());
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("stallwatch.bpf.o");
-    std::fs::copy(&built, &out)
-        .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
+    let fresh = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // Rewriting an unchanged object would still bump its mtime, and the agent's build script
+    // (rerun-if-changed) would rebuild every crate that embeds it.
+    if std::fs::read(&out).ok().as_deref() != Some(fresh.as_slice()) {
+        std::fs::write(&out, &fresh).with_context(|| format!("writing {}", out.display()))?;
+    }
     eprintln!("eBPF object: {}", out.display());
     Ok(out)
 }

@@ -16,6 +16,8 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "libbpf-tools",
+    // The bench's floor: an empty program on sched_switch.
+    "bpftrace",
     "bpftool",
     "linux-perf",
     "stress-ng",
