@@ -158,8 +158,9 @@ impl Drop for Agent {
     }
 }
 
-/// An empty program on the sched_switch raw tracepoint: the floor of BPF cost per run.
-const EMPTY_SWITCH_PROGRAM: &str = "rawtracepoint:sched_switch { }";
+/// An empty program on sched_switch (bpftrace 0.17 has no raw tracepoints): the floor of BPF
+/// cost per program run.
+const EMPTY_SWITCH_PROGRAM: &str = "tracepoint:sched:sched_switch { }";
 
 /// A libbpf-tools peer (or bpftrace) running in the background until dropped.
 struct Peer(Child);
