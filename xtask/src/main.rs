@@ -67,7 +67,7 @@ enum Command {
     DashboardsPreview,
     /// Boot Debian's arm64 kernel in qemu-system-aarch64 with an initramfs holding the static
     /// aarch64 agent; run `stallwatch check`, the run-queue ground-truth test and the other
-    /// sched and Go pause tests that need no host tools there. Needs root.
+    /// sched, Go pause and syscall tests that need no host tools there. Needs root.
     TestArm64(arm64::Args),
     /// Fuzz the parsers of untrusted input (cgroup paths and /proc bodies, executables,
     /// kernel BTF, config files) with cargo-fuzz for a while each; not part of CI.
