@@ -4,7 +4,7 @@
 //! test binaries. There it runs `stallwatch check`, then the chosen kernel tests under
 //! STALLWATCH_REQUIRE_KERNEL=1, and powers off. By default: the sched tests that need no host
 //! tools (the run-queue ground truth first), the gc probe's Go test on a Go program built
-//! for arm64 on the host, and every syscall test. The console goes to the terminal and to target/arm64-vm/console.log.
+//! for arm64 on the host, and the syscall tests. The console goes to the terminal and to target/arm64-vm/console.log.
 //!
 //! A test binary finds the agent and the workload helper at the absolute paths cargo built
 //! them at (`CARGO_BIN_EXE_*`), so the initramfs holds them at those same paths.
@@ -71,16 +71,14 @@ const MARK: &str = "SW-ARM64";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Only this integration test binary (agent/tests/<suite>.rs), with `--test` or `--all`;
-    /// default: the plan above (kernel_sched and kernel_gc tests).
+    /// Only this integration test binary (agent/tests/<suite>.rs): all its tests, or those
+    /// named by `--test`. Default: the plan above (kernel_sched, kernel_gc and kernel_syscalls
+    /// tests).
     #[arg(long)]
     pub suite: Option<String>,
     /// Exact test names of `--suite` to run (repeatable).
     #[arg(long = "test", requires = "suite")]
     pub tests: Vec<String>,
-    /// Every test of `--suite`.
-    #[arg(long, requires = "suite", conflicts_with = "tests")]
-    pub all: bool,
     /// Give up on the VM after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
@@ -167,6 +165,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// The gc test's Go program (agent/tests/fixtures/gcpause.go) built for arm64 (static: the
 /// Go linker needs no cross toolchain without cgo).
 fn go_program(dir: &Path) -> anyhow::Result<PathBuf> {
+    // The same settings as the tests' own Go builds (agent/tests/common/mod.rs, go_build).
     setup::go_toolchains()?;
     let go = setup::go_toolchain_dir(GO_VERSION).join("go/bin/go");
     let out = dir.join("gcpause");

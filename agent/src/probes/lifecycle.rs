@@ -83,8 +83,16 @@ impl Lifecycle {
             );
             names::PROG_PROC_EXIT_V1
         };
-        attach_tp_btf(ebpf, kernel, program, "sched_process_exit")?;
-        self.programs.push(program);
+        // Without exit events the probes' /proc sweeps still retire exited processes (late,
+        // and counted as exit_missed): worth a warning, not a refusal to run.
+        match attach_tp_btf(ebpf, kernel, program, "sched_process_exit") {
+            Ok(()) => self.programs.push(program),
+            Err(e) => log::warn!(
+                "no exit events ({e:#}); exited processes are retired by the periodic sweep \
+                 (up to {}s late)",
+                super::process::SWEEP_INTERVAL.as_secs() * 2
+            ),
+        }
         Ok(())
     }
 

@@ -554,6 +554,7 @@ pub fn run_promtool(promtool: &std::path::Path, args: &[&str]) -> (bool, String)
 }
 
 /// Builds the Go fixture `agent/tests/fixtures/gcpause.go` with `flags` for `goarch`.
+/// (xtask/src/arm64.rs builds the arm64 test program with the same settings.)
 pub fn go_build(go: &std::path::Path, flags: &[&str], goarch: &str, out: &std::path::Path) {
     let status = Command::new(go)
         .arg("build")

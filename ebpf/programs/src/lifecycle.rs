@@ -23,36 +23,40 @@ pub fn sw_proc_exit(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// tgid -> `signal_struct` address of exits `sw_proc_exit_v1` reported. LRU: old entries
-/// only matter while a dying process's threads still pass the tracepoint.
+/// A process while it exists: its tgid and `signal_struct` address.
+#[repr(C)]
+struct ExitKey {
+    tgid: u32,
+    _pad: u32,
+    signal: u64,
+}
+
+/// Exits `sw_proc_exit_v1` reported. LRU: an entry only matters while the dying process's
+/// other threads still pass the tracepoint.
 #[map]
-static SW_EXITED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+static SW_EXITED: LruHashMap<ExitKey, u8> = LruHashMap::with_max_entries(4096, 0);
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sw_proc_exit_v1(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p) before group_dead was added; p is current. do_exit()
     // decrements signal->live before this tracepoint, so the last thread to exit sees 0 and a
     // live process is never reported. Threads exiting together may all see 0: only the
-    // first report of a (tgid, signal_struct) pair is sent, so an exit is sent once and a
-    // late duplicate cannot retire a new process that reused the pid.
+    // thread whose insert of (tgid, signal_struct) succeeds (atomic under the bucket lock)
+    // reports, so an exit is sent once and a late duplicate cannot retire a new process that
+    // reused the pid.
     let p: *const u8 = ctx.arg(0);
     let Some((0, signal)) = task_live_threads(p) else {
         return 0;
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if SW_EXITED
-        .insert(&tgid, &signal, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Reported before: by this process (a duplicate), or by an earlier one with this pid.
-        match unsafe { SW_EXITED.get(&tgid) } {
-            Some(&seen) if seen == signal => return 0,
-            _ => {
-                let _ = SW_EXITED.insert(&tgid, &signal, 0);
-            }
-        }
+    let key = ExitKey {
+        tgid,
+        _pad: 0,
+        signal,
+    };
+    if SW_EXITED.insert(&key, &0, u64::from(BPF_NOEXIST)).is_ok() {
+        emit_current(EVENT_EXIT, tgid);
     }
-    emit_current(EVENT_EXIT, tgid);
     0
 }
 
