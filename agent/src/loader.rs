@@ -43,32 +43,23 @@ pub fn raise_memlock() {
 
 pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Result<Ebpf> {
     raise_memlock();
-    let pid_off = kernel
-        .kbtf
-        .member_offset("task_struct", "pid")
-        .context("finding task_struct.pid in kernel BTF")?;
-    let tgid_off = kernel
-        .kbtf
-        .member_offset("task_struct", "tgid")
-        .context("finding task_struct.tgid in kernel BTF")?;
+    let field = |ty: &str, member: &str| {
+        kernel
+            .kbtf
+            .member_offset(ty, member)
+            .with_context(|| format!("finding {ty}.{member} in kernel BTF"))
+    };
+    let pid_off = field("task_struct", "pid")?;
+    let tgid_off = field("task_struct", "tgid")?;
     // `__state` since v5.14, `state` before.
     let state_field = if kernel.kbtf.has_member("task_struct", "__state") {
         "__state"
     } else {
         "state"
     };
-    let state_off = kernel
-        .kbtf
-        .member_offset("task_struct", state_field)
-        .with_context(|| format!("finding task_struct.{state_field} in kernel BTF"))?;
-    let signal_off = kernel
-        .kbtf
-        .member_offset("task_struct", "signal")
-        .context("finding task_struct.signal in kernel BTF")?;
-    let live_off = kernel
-        .kbtf
-        .member_offset("signal_struct", "live")
-        .context("finding signal_struct.live in kernel BTF")?;
+    let state_off = field("task_struct", state_field)?;
+    let signal_off = field("task_struct", "signal")?;
+    let live_off = field("signal_struct", "live")?;
     // The syscall probe's scope and mode are frozen into the object, so the verifier prunes
     // the branches they rule out. A bad scope fails here, before anything loads.
     let scope = if config.probe_enabled(crate::probes::syscalls::NAME) {
@@ -87,12 +78,6 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
     let by_nr = u32::from(config.syscall_names);
     let slow_ns = u64::try_from(config.slow_syscall.as_nanos()).unwrap_or(u64::MAX);
     let self_tgid = std::process::id();
-    let field = |ty: &str, member: &str| {
-        kernel
-            .kbtf
-            .member_offset(ty, member)
-            .with_context(|| format!("finding {ty}.{member} in kernel BTF"))
-    };
     let sk_protocol = field("sock", "sk_protocol")?;
     let sk_err = field("sock", "sk_err")?;
     let sk_err_soft = field("sock", "sk_err_soft")?;

@@ -730,20 +730,15 @@ fn bare_uprobe_cost() -> anyhow::Result<(f64, f64)> {
 
 /// Section 6: the gc probe.
 fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
-    let go = crate::setup::go_toolchain_dir("1.27.3").join("go/bin/go");
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let program = dir.join("gcpause");
-    cmd::run(
-        Command::new(&go)
-            .arg("build")
-            .arg("-o")
-            .arg(&program)
-            .arg(root().join("agent/tests/fixtures/gcpause.go"))
-            .env("GOCACHE", root().join("target/gocache"))
-            .env("GOTOOLCHAIN", "local")
-            .env("GO111MODULE", "off"),
-    )?;
+    let goarch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    crate::setup::build_gcpause("1.27.3", goarch, &program)?;
     let loops = args.gc_loops;
     // Time added per GC: alternating off/on.
     let mut off = Vec::new();

