@@ -62,8 +62,6 @@ const DEFAULT_PLAN: &[(&str, &[&str])] = &[
         ],
     ),
 ];
-/// The Go toolchain (installed by setup) that builds the gc test's program for arm64.
-const GO_VERSION: &str = "1.27.3";
 /// Where the prebuilt Go program sits in the VM (STALLWATCH_GO_GCPAUSE).
 const VM_GCPAUSE: &str = "/tests/gcpause";
 /// Printed by the VM's init; the host reads results only from lines starting with it.
@@ -167,7 +165,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 fn go_program(dir: &Path) -> anyhow::Result<PathBuf> {
     setup::go_toolchains()?;
     let out = dir.join("gcpause");
-    setup::build_gcpause(GO_VERSION, "arm64", &out)?;
+    setup::build_gcpause("arm64", &out)?;
     Ok(out)
 }
 

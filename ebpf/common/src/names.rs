@@ -8,7 +8,7 @@ pub const MAP_THREADS: &str = "SW_THREADS";
 pub const MAP_PROC_SCHED: &str = "SW_PROC_SCHED";
 /// Process exit/exec events (`RingBuf` of `ProcEvent`).
 pub const MAP_EVENTS: &str = "SW_EVENTS";
-/// The legacy exit program's memory of reported exits: tgid -> its `signal_struct` address.
+/// The legacy exit program's memory of reported exits: (tgid, `signal_struct` address).
 pub const MAP_EXITED: &str = "SW_EXITED";
 /// Drop and bookkeeping counters (`PerCpuArray<u64>`, indexed by `Counter`).
 pub const MAP_COUNTERS: &str = "SW_COUNTERS";
