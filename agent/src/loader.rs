@@ -41,6 +41,53 @@ pub fn raise_memlock() {
     }
 }
 
+/// Where the scheduler probe finds, in kernel BTF, what it reads from tasks directly: the run
+/// queue's clock (through `task->se.cfs_rq->rq`) and the kernel's run-delay accounting.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedOffsets {
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
+    pub run_delay: u32,
+    pub last_arrival: u32,
+    pub sum_exec: u32,
+    pub prev_sum_exec: u32,
+}
+
+impl SchedOffsets {
+    pub fn find(kbtf: &KernelBtf) -> anyhow::Result<SchedOffsets> {
+        let field = |ty: &str, member: &str, config: &str| {
+            kbtf.member_offset(ty, member).with_context(|| {
+                format!(
+                    "the sched probe reads {ty}.{member}, which this kernel's BTF lacks \
+                     (it needs {config}); leave `sched` out of --probes on this kernel"
+                )
+            })
+        };
+        let se = field("task_struct", "se", "CONFIG_FAIR_GROUP_SCHED")?;
+        let sched_info = field("task_struct", "sched_info", "CONFIG_SCHED_INFO")?;
+        Ok(SchedOffsets {
+            task_cfs_rq: se + field("sched_entity", "cfs_rq", "CONFIG_FAIR_GROUP_SCHED")?,
+            cfs_rq_rq: field("cfs_rq", "rq", "CONFIG_FAIR_GROUP_SCHED")?,
+            rq_clock: field("rq", "clock", "CONFIG_FAIR_GROUP_SCHED")?,
+            run_delay: sched_info + field("sched_info", "run_delay", "CONFIG_SCHED_INFO")?,
+            last_arrival: sched_info + field("sched_info", "last_arrival", "CONFIG_SCHED_INFO")?,
+            sum_exec: se
+                + field(
+                    "sched_entity",
+                    "sum_exec_runtime",
+                    "CONFIG_FAIR_GROUP_SCHED",
+                )?,
+            prev_sum_exec: se
+                + field(
+                    "sched_entity",
+                    "prev_sum_exec_runtime",
+                    "CONFIG_FAIR_GROUP_SCHED",
+                )?,
+        })
+    }
+}
+
 pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Result<Ebpf> {
     raise_memlock();
     let field = |ty: &str, member: &str| {
@@ -60,6 +107,11 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
     let state_off = field("task_struct", state_field)?;
     let signal_off = field("task_struct", "signal")?;
     let live_off = field("signal_struct", "live")?;
+    let sched = if config.probe_enabled(crate::probes::sched::NAME) {
+        SchedOffsets::find(&kernel.kbtf)?
+    } else {
+        SchedOffsets::default()
+    };
     // The syscall probe's scope and mode are frozen into the object, so the verifier prunes
     // the branches they rule out. A bad scope fails here, before anything loads.
     let scope = if config.probe_enabled(crate::probes::syscalls::NAME) {
@@ -91,6 +143,21 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .override_global(names::GLOBAL_TASK_STATE_OFFSET, &state_off, true)
         .override_global(names::GLOBAL_TASK_SIGNAL_OFFSET, &signal_off, true)
         .override_global(names::GLOBAL_SIGNAL_LIVE_OFFSET, &live_off, true)
+        .override_global(names::GLOBAL_TASK_CFS_RQ_OFFSET, &sched.task_cfs_rq, true)
+        .override_global(names::GLOBAL_CFS_RQ_RQ_OFFSET, &sched.cfs_rq_rq, true)
+        .override_global(names::GLOBAL_RQ_CLOCK_OFFSET, &sched.rq_clock, true)
+        .override_global(names::GLOBAL_TASK_RUN_DELAY_OFFSET, &sched.run_delay, true)
+        .override_global(
+            names::GLOBAL_TASK_LAST_ARRIVAL_OFFSET,
+            &sched.last_arrival,
+            true,
+        )
+        .override_global(names::GLOBAL_TASK_SUM_EXEC_OFFSET, &sched.sum_exec, true)
+        .override_global(
+            names::GLOBAL_TASK_PREV_SUM_EXEC_OFFSET,
+            &sched.prev_sum_exec,
+            true,
+        )
         .override_global(names::GLOBAL_SC_FILTER, &scope.filter, true)
         .override_global(names::GLOBAL_SC_CG_LEVELS, &scope.levels, true)
         .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)

@@ -342,7 +342,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          ≤ 0.5× runqlat. Programs are attributed to tools by load order (ids new after each \
          tool started). Kernel BPF stats add their own clock reads to every run; the empty \
          program shows what entering a program and those reads cost here. stallwatch runs \
-         {:.2} programs per context switch (`sw_switch` on every one, `sw_wakeup` on each \
+         {:.2} programs per context switch (`sw_switch` on every one; it hooks no \
          wakeup), so {:.1} ns of its time per switch is that floor.\n\n",
         per_switch(ours),
         per_switch(runqlat),

@@ -48,10 +48,10 @@ pub const PROCESS_LABELS: &[&str] = &[
 pub const RUNQUEUE_LATENCY: MetricDef = MetricDef {
     name: "stallwatch_runqueue_latency_seconds",
     kind: Kind::Histogram,
-    help: "Time threads spent runnable but waiting for a CPU: from wakeup, or preemption while runnable, until they ran.",
+    help: "Time threads spent runnable but waiting for a CPU: from wakeup, or preemption while runnable, until they ran (the kernel's run_delay accounting).",
     labels: &[],
     per_process: true,
-    source: "tp_btf/sched_wakeup, sched_wakeup_new, sched_switch",
+    source: "tp_btf/sched_switch, sched_wakeup_new",
 };
 
 pub const OFFCPU_SECONDS: MetricDef = MetricDef {

@@ -50,7 +50,6 @@ impl Plan {
     fn programs(&self) -> Vec<(&'static str, &'static str)> {
         let mut v = vec![
             (self.switch, "sched_switch"),
-            (names::PROG_WAKEUP, "sched_wakeup"),
             (names::PROG_WAKEUP_NEW, "sched_wakeup_new"),
             (names::PROG_FORK, "sched_process_fork"),
         ];
@@ -165,6 +164,7 @@ impl super::Probe for SchedProbe {
             ("process_map_full", k(Counter::ProcMapFull)),
             ("process_alloc_failed", k(Counter::ProcAllocFailed)),
             ("task_read_failed", k(Counter::TaskReadFailed)),
+            ("offcpu_unmeasured", k(Counter::OffCpuUnmeasured)),
         ];
         v.extend(s.drops.list());
         v

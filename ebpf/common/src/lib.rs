@@ -62,9 +62,12 @@ pub enum Counter {
     /// A pause end without its begin: the agent attached mid-pause, or the begin's state was
     /// evicted from the (LRU) in-flight map.
     GcUnmatched = 19,
+    /// An off-CPU interval whose end the kernel did not stamp (a task preempted after setting
+    /// a sleeping state) and whose run time could not date it either: not observed.
+    OffCpuUnmeasured = 20,
 }
 
-pub const NUM_COUNTERS: u32 = 20;
+pub const NUM_COUNTERS: u32 = 21;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
@@ -88,6 +91,7 @@ impl Counter {
         Counter::GcInflightFailed,
         Counter::GcUntracked,
         Counter::GcUnmatched,
+        Counter::OffCpuUnmeasured,
     ];
 }
 

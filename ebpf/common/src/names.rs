@@ -70,12 +70,22 @@ pub const GLOBAL_TASK_STATE_OFFSET: &str = "TASK_STATE_OFF";
 pub const GLOBAL_TASK_SIGNAL_OFFSET: &str = "TASK_SIGNAL_OFF";
 /// Global set by the agent from kernel BTF: byte offset of `signal_struct.live`.
 pub const GLOBAL_SIGNAL_LIVE_OFFSET: &str = "SIGNAL_LIVE_OFF";
+/// Globals set by the agent from kernel BTF for the scheduler probe's direct loads:
+/// `task_struct.se.cfs_rq`, `cfs_rq.rq`, `rq.clock`, `task_struct.sched_info.run_delay` and
+/// `task_struct.sched_info.last_arrival`.
+pub const GLOBAL_TASK_CFS_RQ_OFFSET: &str = "TASK_CFS_RQ_OFF";
+pub const GLOBAL_CFS_RQ_RQ_OFFSET: &str = "CFS_RQ_RQ_OFF";
+pub const GLOBAL_RQ_CLOCK_OFFSET: &str = "RQ_CLOCK_OFF";
+pub const GLOBAL_TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFF";
+pub const GLOBAL_TASK_LAST_ARRIVAL_OFFSET: &str = "TASK_LAST_ARRIVAL_OFF";
+/// Globals: `task_struct.se.sum_exec_runtime` and `task_struct.se.prev_sum_exec_runtime`.
+pub const GLOBAL_TASK_SUM_EXEC_OFFSET: &str = "TASK_SUM_EXEC_OFF";
+pub const GLOBAL_TASK_PREV_SUM_EXEC_OFFSET: &str = "TASK_PREV_SUM_EXEC_OFF";
 
 /// tp_btf/sched_switch for kernels whose tracepoint passes `prev_state` (v5.18+).
 pub const PROG_SWITCH: &str = "sw_switch";
 /// tp_btf/sched_switch for older kernels: reads `prev->__state` itself.
 pub const PROG_SWITCH_V1: &str = "sw_switch_v1";
-pub const PROG_WAKEUP: &str = "sw_wakeup";
 pub const PROG_WAKEUP_NEW: &str = "sw_wakeup_new";
 /// tp_btf/sched_process_exit: marks exiting threads in the scheduler's per-thread state.
 pub const PROG_EXIT: &str = "sw_exit";
@@ -165,7 +175,6 @@ pub const GC_PROGRAMS: &[&str] = &[
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SWITCH,
     PROG_SWITCH_V1,
-    PROG_WAKEUP,
     PROG_WAKEUP_NEW,
     PROG_EXIT,
     PROG_FORK,

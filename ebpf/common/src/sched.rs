@@ -60,10 +60,13 @@ pub const TASK_STATE_MASK: u32 = 0x07ff;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
-    /// When the thread last left the CPU; 0 while it runs (or before we first saw it leave).
+    /// When the thread last left the CPU, on that run queue's clock; 0 while it runs (or
+    /// before we first saw it leave).
     pub offcpu_since_ns: u64,
-    /// When the thread became runnable (woken, or preempted while runnable); 0 if not waiting.
-    pub runnable_since_ns: u64,
+    /// The thread's `sched_info.run_delay` (total run-queue wait) when it last left a CPU, or
+    /// 0 for a new thread: the next wait is what the kernel adds to it. Valid with
+    /// `THREAD_HAS_BASE`.
+    pub run_delay_base_ns: u64,
     pub tgid: u32,
     /// [`OffCpuReason`] of the last switch-out.
     pub reason: u8,
@@ -75,6 +78,8 @@ pub struct ThreadState {
 pub const THREAD_EXITING: u8 = 1;
 /// Set on first use; task storage hands out zeroed values, so a clear bit means "new".
 pub const THREAD_SEEN: u8 = 2;
+/// `run_delay_base_ns` is set: the thread's next run-queue wait can be measured.
+pub const THREAD_HAS_BASE: u8 = 4;
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() == 24);
 

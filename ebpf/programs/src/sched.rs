@@ -1,22 +1,54 @@
 //! Scheduler probe: run-queue latency, off-CPU time by reason, context switches, per process.
 //!
-//! Per-thread state is keyed by the `task_struct` address, which tp_btf hands us for free, so
-//! the hot path reads no task fields. Per-process aggregates live in a per-CPU hash: only
-//! sched_switch (IRQs off) writes them, so plain increments are race-free.
+//! One program per context switch, touching only `prev`: per-thread state in task-local
+//! storage (found through the task pointer tp_btf hands us), the kernel's own `sched_info`
+//! and run-queue clock read with direct loads, and one per-process lookup. Per-process
+//! aggregates live in a per-CPU hash written by sched_switch (IRQs off: plain increments) and
+//! by sched_process_exit (preemptible: atomic increments, which a switch cannot split).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_get_current_pid_tgid,
     macros::{btf_map, btf_tracepoint, map},
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
 };
 use stallwatch_common::{
-    sched::{OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_SEEN},
+    hist::Hist,
+    sched::{
+        OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_HAS_BASE,
+        THREAD_SEEN,
+    },
     Counter,
 };
 
 use crate::local_storage::TaskStorage;
-use crate::shared::{count, get_or_insert, task_pid, task_state, task_tgid};
+use crate::shared::{
+    btf_load, count, get_or_insert, observe_atomic, task_pid, task_state, task_tgid,
+};
+
+/// Byte offsets from kernel BTF, set by the agent before load. Frozen in `.rodata`, so the
+/// verifier sees constants and allows direct loads through the tracepoint's task pointers.
+/// `task_struct.se.cfs_rq` (CONFIG_FAIR_GROUP_SCHED).
+#[no_mangle]
+static TASK_CFS_RQ_OFF: u32 = 0;
+/// `cfs_rq.rq`.
+#[no_mangle]
+static CFS_RQ_RQ_OFF: u32 = 0;
+/// `rq.clock`.
+#[no_mangle]
+static RQ_CLOCK_OFF: u32 = 0;
+/// `task_struct.sched_info.run_delay` (CONFIG_SCHED_INFO): the task's total run-queue wait.
+#[no_mangle]
+static TASK_RUN_DELAY_OFF: u32 = 0;
+/// `task_struct.sched_info.last_arrival`: when the task's current (or last) run began.
+#[no_mangle]
+static TASK_LAST_ARRIVAL_OFF: u32 = 0;
+/// `task_struct.se.sum_exec_runtime` and `.prev_sum_exec_runtime` (its value when the
+/// current run began).
+#[no_mangle]
+static TASK_SUM_EXEC_OFF: u32 = 0;
+#[no_mangle]
+static TASK_PREV_SUM_EXEC_OFF: u32 = 0;
 
 /// Per-thread state in task-local storage: found through the task, freed with it.
 #[btf_map]
@@ -66,17 +98,17 @@ pub fn sw_switch_v1(ctx: BtfTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, next: *const u8) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    switch_out(preempt, prev, prev_state, now);
-    switch_in(next, now);
-}
-
-#[inline(always)]
-fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
+fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, _next: *const u8) {
     if prev_state & TASK_DEAD != 0 {
-        // The task's last switch: it will never run again, so forget it now (the kernel
-        // would free it with the task anyway; deleting keeps the entry count exact).
+        // The task's last switch: charge its last run, then forget it (the kernel would free
+        // the state with the task anyway; deleting keeps the entry count exact).
+        if let Some(t) = SW_THREADS.get(prev) {
+            // Unless sw_exit (when attached) charged it already.
+            let flags = unsafe { (*t).flags };
+            if flags & THREAD_EXITING == 0 && flags & THREAD_SEEN != 0 {
+                let _ = charge_run::<false>(t, prev, rq_clock(prev));
+            }
+        }
         if SW_THREADS.delete(prev) {
             count(Counter::ThreadDeleted);
         }
@@ -86,8 +118,7 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
         count(Counter::ThreadStateFailed);
         return;
     };
-    let reason = OffCpuReason::classify(preempt, prev_state);
-    let tgid = unsafe {
+    unsafe {
         if (*t).flags & THREAD_SEEN == 0 {
             // A thread's tgid never changes: read it once (every helper call costs).
             (*t).flags |= THREAD_SEEN;
@@ -99,17 +130,13 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
             // or the idle task.
             return;
         }
-        (*t).offcpu_since_ns = now;
-        (*t).runnable_since_ns = if matches!(reason, OffCpuReason::Involuntary) {
-            now
-        } else {
-            0
-        };
-        (*t).reason = reason as u8;
-        (*t).tgid
-    };
-
-    if let Some(stats) = proc_stats(tgid) {
+    }
+    let reason = OffCpuReason::classify(preempt, prev_state);
+    // The scheduler updated this run queue's clock just before picking the next task; the
+    // kernel stamps `sched_info` with the same value. Two loads, where bpf_ktime_get_ns
+    // would cost an indirect call into the clocksource.
+    let now = rq_clock(prev);
+    if let Some(stats) = charge_run::<false>(t, prev, now) {
         unsafe {
             if matches!(reason, OffCpuReason::Involuntary) {
                 (*stats).cswch_involuntary += 1;
@@ -118,63 +145,101 @@ fn switch_out(preempt: bool, prev: *const u8, prev_state: u32, now: u64) {
             }
         }
     }
-}
-
-#[inline(always)]
-fn switch_in(next: *const u8, now: u64) {
-    let Some(t) = SW_THREADS.get(next) else {
-        return; // idle, or a thread we have not seen leave a CPU yet
-    };
-    let (offcpu_since, runnable_since, tgid, reason) = unsafe {
-        let s = *t;
-        (*t).offcpu_since_ns = 0;
-        (*t).runnable_since_ns = 0;
-        (s.offcpu_since_ns, s.runnable_since_ns, s.tgid, s.reason)
-    };
-    if unsafe { (*t).flags } & THREAD_EXITING != 0 || (offcpu_since == 0 && runnable_since == 0) {
-        return;
-    }
-    let Some(stats) = proc_stats(tgid) else {
-        return;
-    };
     unsafe {
-        if runnable_since != 0 && now > runnable_since {
-            (*stats).runq.observe(now - runnable_since);
-        }
-        if offcpu_since != 0 && now > offcpu_since {
-            // Bounded index: the verifier sees the explicit match.
-            let hist = match reason {
-                0 => &mut (*stats).offcpu[0],
-                1 => &mut (*stats).offcpu[1],
-                _ => &mut (*stats).offcpu[2],
-            };
-            hist.observe(now - offcpu_since);
-        }
+        (*t).offcpu_since_ns = now;
+        (*t).reason = reason as u8;
     }
 }
 
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn sw_wakeup(ctx: BtfTracePointContext) -> u32 {
-    let task: *const u8 = ctx.arg(0);
-    if let Some(t) = SW_THREADS.get(task) {
-        unsafe {
-            // The first wakeup starts the wait; the kernel enqueues the task once.
-            if (*t).runnable_since_ns == 0 && (*t).offcpu_since_ns != 0 {
-                (*t).runnable_since_ns = bpf_ktime_get_ns();
+/// The clock of the run queue `task` is on (`task->se.cfs_rq->rq->clock`): sched_clock, ns.
+#[inline(always)]
+fn rq_clock(task: *const u8) -> u64 {
+    let cfs_rq: *const u8 = btf_load(task, &TASK_CFS_RQ_OFF);
+    let rq: *const u8 = btf_load(cfs_rq, &CFS_RQ_RQ_OFF);
+    btf_load(rq, &RQ_CLOCK_OFF)
+}
+
+/// Charges the thread's process with what came before the run now ending (the thread is
+/// `task`, a BTF pointer, on the CPU or just leaving it; `now` is its run queue's clock): its
+/// wait for a CPU and the off-CPU interval before that, both from the kernel's own
+/// `sched_info`, stamped when the run began. So a context switch costs one per-process
+/// lookup, and nothing happens at switch-in.
+#[inline(always)]
+/// `ATOMIC` where the caller can be preempted (sched_process_exit) by a switch that updates the
+/// same per-CPU entry.
+fn charge_run<const ATOMIC: bool>(
+    t: *mut ThreadState,
+    task: *const u8,
+    now: u64,
+) -> Option<*mut SchedStats> {
+    let s = unsafe { *t };
+    // The wait the kernel added at this run's arrival (plus any part a migration while
+    // queued added earlier): everything since our last look.
+    let run_delay: u64 = btf_load(task, &TASK_RUN_DELAY_OFF);
+    unsafe {
+        (*t).run_delay_base_ns = run_delay;
+        (*t).flags = s.flags | THREAD_HAS_BASE;
+    }
+    let stats = proc_stats(s.tgid)?;
+    unsafe {
+        if s.flags & THREAD_HAS_BASE != 0 {
+            observe::<ATOMIC>(
+                &mut (*stats).runq,
+                run_delay.saturating_sub(s.run_delay_base_ns),
+            );
+        }
+        if s.offcpu_since_ns != 0 {
+            match run_start(task, s.offcpu_since_ns, now) {
+                Some(start) => {
+                    // Bounded index: the verifier sees the explicit match.
+                    let hist = match s.reason {
+                        0 => &mut (*stats).offcpu[0],
+                        1 => &mut (*stats).offcpu[1],
+                        _ => &mut (*stats).offcpu[2],
+                    };
+                    observe::<ATOMIC>(hist, start - s.offcpu_since_ns);
+                }
+                None => count(Counter::OffCpuUnmeasured),
             }
         }
     }
-    0
+    Some(stats)
+}
+
+#[inline(always)]
+fn observe<const ATOMIC: bool>(h: &mut Hist, ns: u64) {
+    if ATOMIC {
+        observe_atomic(h, ns);
+    } else {
+        h.observe(ns);
+    }
+}
+
+/// When the current run of `task` began, on the run-queue clock; at least `since` (the
+/// thread's last switch-out), or `None`.
+#[inline(always)]
+fn run_start(task: *const u8, since: u64, now: u64) -> Option<u64> {
+    let arrival: u64 = btf_load(task, &TASK_LAST_ARRIVAL_OFF);
+    if arrival >= since {
+        return Some(arrival);
+    }
+    // The kernel stamps an arrival only after a queued wait it recorded; a task preempted
+    // after it had set a sleeping state gets none. Its run so far, from the fair class's
+    // accounting (updated as it left), gives the start instead.
+    let total: u64 = btf_load(task, &TASK_SUM_EXEC_OFF);
+    let at_start: u64 = btf_load(task, &TASK_PREV_SUM_EXEC_OFF);
+    let start = now.checked_sub(total.checked_sub(at_start)?)?;
+    (start >= since).then_some(start)
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
-    // A new task's first wait for a CPU. Current is the parent, so read the child's tgid.
+    // A new task's first wait for a CPU: its run_delay starts at 0 (sched_fork clears
+    // sched_info), so the base is 0. Current is the parent, so read the child's tgid.
     let task: *const u8 = ctx.arg(0);
     let Some(tgid) = task_tgid(task) else {
         return 0;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(t) = SW_THREADS.get_or_create(task) else {
         count(Counter::ThreadStateFailed);
         return 0;
@@ -185,10 +250,10 @@ pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
         }
         *t = ThreadState {
             offcpu_since_ns: 0,
-            runnable_since_ns: now,
+            run_delay_base_ns: 0,
             tgid,
             reason: OffCpuReason::Involuntary as u8,
-            flags: THREAD_SEEN,
+            flags: THREAD_SEEN | THREAD_HAS_BASE,
             _pad: [0; 2],
         };
     }
@@ -225,14 +290,23 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // Create the state if the thread never left a CPU since we attached: any later
     // switch of an exiting thread must be ignored, or it could re-create the entry of a
     // process the agent has already retired.
-    match SW_THREADS.get_or_create(task) {
-        Some(t) => unsafe {
-            if (*t).flags & THREAD_SEEN == 0 {
-                count(Counter::ThreadInserted);
-            }
-            (*t).flags |= THREAD_EXITING | THREAD_SEEN;
-        },
-        None => count(Counter::ThreadStateFailed),
+    let Some(t) = SW_THREADS.get_or_create(task) else {
+        count(Counter::ThreadStateFailed);
+        return 0;
+    };
+    unsafe {
+        if (*t).flags & THREAD_SEEN == 0 {
+            count(Counter::ThreadInserted);
+        } else if (*t).flags & THREAD_EXITING == 0 && (*t).tgid != 0 {
+            // The run ending in exit will not be charged at a switch-out (exiting threads'
+            // switches are ignored): charge it now, as the process's exit event goes out.
+            // Exiting first, so a switch preempting this program leaves the state alone.
+            // The run queue's clock is as of the last tick or switch here: close enough for
+            // the fallback in `run_start`, the only use of `now` in this charge.
+            (*t).flags |= THREAD_EXITING;
+            let _ = charge_run::<true>(t, task, rq_clock(task));
+        }
+        (*t).flags |= THREAD_EXITING | THREAD_SEEN;
     }
     0
 }

@@ -69,6 +69,18 @@ pub fn read_field<T>(obj: *const u8, offset_global: &'static u32) -> Option<T> {
     }
 }
 
+/// Loads a field of a kernel object through a BTF pointer (a tp_btf argument, or a pointer
+/// loaded from one) at a byte offset the agent found in BTF. The offset global is frozen
+/// `.rodata`, so the verifier sees a constant and checks the access against the type: one
+/// load instruction, no helper call. A faulting read (a NULL pointer) yields zero.
+#[inline(always)]
+pub fn btf_load<T: Copy>(obj: *const u8, offset_global: &'static u32) -> T {
+    unsafe {
+        let off = core::ptr::read_volatile(offset_global);
+        core::ptr::read_volatile(obj.wrapping_add(off as usize) as *const T)
+    }
+}
+
 #[inline(always)]
 fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
     read_field(task, offset_global)
