@@ -773,6 +773,16 @@ mod tests {
     }
 
     #[test]
+    fn sched_probe_names_the_field_and_config_a_kernel_lacks() {
+        let btf = KernelBtf::parse(&sample()).unwrap();
+        let e = crate::loader::SchedOffsets::find(&btf).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("task_struct.se"), "{msg}");
+        assert!(msg.contains("CONFIG_FAIR_GROUP_SCHED"), "{msg}");
+        assert!(msg.contains("leave `sched` out of --probes"), "{msg}");
+    }
+
+    #[test]
     fn plain_and_anonymous_members() {
         let btf = KernelBtf::parse(&sample()).unwrap();
         assert_eq!(btf.member_offset("task", "state").unwrap(), 0);

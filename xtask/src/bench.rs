@@ -162,6 +162,10 @@ impl Drop for Agent {
 /// cost per program run.
 const EMPTY_SWITCH_PROGRAM: &str = "tracepoint:sched:sched_switch { }";
 
+/// The same with one `bpf_ktime_get_ns` (bpftrace's `nsecs`), in a test the compiler cannot
+/// drop: minus the empty program, what one clock read through the helper costs.
+const CLOCK_SWITCH_PROGRAM: &str = "tracepoint:sched:sched_switch { if (nsecs == 0) { exit(); } }";
+
 /// A libbpf-tools peer (or bpftrace) running in the background until dropped.
 struct Peer(Child);
 
@@ -265,6 +269,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _empty = Peer::start(&["bpftrace", "-e", EMPTY_SWITCH_PROGRAM])?;
         let ids = wait_ids(&base)?;
         owners.push(("empty", ids));
+        let base = prog_stats()?;
+        let _clock = Peer::start(&["bpftrace", "-e", CLOCK_SWITCH_PROGRAM])?;
+        let ids = wait_ids(&base)?;
+        owners.push(("clock", ids));
         let before = prog_stats()?;
         let ctxt0 = context_switches()?;
         let usecs = sched_pipe(args.loops)?;
@@ -288,11 +296,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .filter(|r| r.0 == "stallwatch")
         .map(|r| r.3)
         .sum();
-    let (ours, runqlat, offcpu, empty) = (
+    let (ours, runqlat, offcpu, empty, clock) = (
         tool_ns("stallwatch"),
         tool_ns("runqlat"),
         tool_ns("offcputime"),
         tool_ns("empty"),
+        tool_ns("clock"),
     );
     report.push_str(&format!(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
@@ -317,7 +326,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          Workload: `{pipe}` ({ctxt} context switches system-wide, {usecs_all:.3} usecs/op with \
          everything attached). Agent: `stallwatch run` (probes: sched); peers: `runqlat 3600`, \
          `offcputime 3600`, and as the floor an empty program (`bpftrace -e \
-         '{EMPTY_SWITCH_PROGRAM}'`, tool `empty`); kernel.bpf_stats_enabled=1; per-program run \
+         '{EMPTY_SWITCH_PROGRAM}'`, tool `empty`) and the same with one clock read (`bpftrace -e \
+         '{CLOCK_SWITCH_PROGRAM}'`, tool `clock`); kernel.bpf_stats_enabled=1; per-program run \
          time and count from `bpftool prog show --json` before and after.\n\n\
          | tool | program | runs | total ns | ns/run |\n|---|---|---:|---:|---:|\n"
     ));
@@ -337,7 +347,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          | stallwatch sched (all programs) | {:.1} |\n\
          | libbpf-tools runqlat | {:.1} |\n\
          | libbpf-tools offcputime | {:.1} |\n\
-         | an empty program (floor per program run) | {:.1} |\n\n\
+         | an empty program (floor per program run) | {:.1} |\n\
+         | one `bpf_ktime_get_ns` (clock − empty) | {:.1} |\n\n\
          stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch and \
          ≤ 0.5× runqlat. Programs are attributed to tools by load order (ids new after each \
          tool started). Kernel BPF stats add their own clock reads to every run; the empty \
@@ -348,6 +359,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         per_switch(runqlat),
         per_switch(offcpu),
         per_switch(empty),
+        per_switch(clock.saturating_sub(empty)),
         ours as f64 / runqlat.max(1) as f64,
         ours_runs as f64 / ctxt.max(1) as f64,
         per_switch(empty) * ours_runs as f64 / ctxt.max(1) as f64,
@@ -380,7 +392,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         off,
         on
     ));
-    report.push_str(&syscall_sections(&bin, args)?);
+    let floors = (per_switch(empty), per_switch(clock.saturating_sub(empty)));
+    report.push_str(&syscall_sections(&bin, args, floors)?);
     report.push_str(&tcp_section(&bin, args)?);
     report.push_str(&gc_section(&bin, args)?);
     report.push_str(&agent_section(&bin)?);
@@ -415,7 +428,12 @@ fn deltas(
 }
 
 /// Sections 3 and 4: the syscall probe.
-fn syscall_sections(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
+/// `floors`: what one program run and one `bpf_ktime_get_ns` cost here (section 1), in ns.
+fn syscall_sections(
+    bin: &std::path::Path,
+    args: &Args,
+    floors: (f64, f64),
+) -> anyhow::Result<String> {
     let basic = syscall_basic_cmd(args.syscall_loops);
     let basic_line = basic.join(" ");
     let mut report = String::new();
@@ -518,13 +536,20 @@ fn syscall_sections(bin: &std::path::Path, args: &Args) -> anyhow::Result<String
          | agent off | {off_med:.1} | {:.1} | {:.1} |\n\
          | agent on | {on_med:.1} | {:.1} | {:.1} |\n\n\
          Added per syscall (difference of the medians): **{:.1} ns** (target ≤ 250 ns with \
-         latency histograms on).\n\nRaw off: {}\n\nRaw on: {}\n",
+         latency histograms on). Timing a syscall takes two programs (entry, exit) and two \
+         clock reads; at this machine's {:.1} ns per program run and {:.1} ns per \
+         `bpf_ktime_get_ns` (section 1: an indirect call into the clocksource, a retpoline \
+         here) that is {:.1} ns before any work, and enabling the raw syscall tracepoints moves \
+         every syscall onto the kernel's slower traced entry path.\n\nRaw off: {}\n\nRaw on: {}\n",
         args.pairs,
         off.iter().copied().fold(f64::INFINITY, f64::min),
         off.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         on.iter().copied().fold(f64::INFINITY, f64::min),
         on.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         on_med - off_med,
+        floors.0,
+        floors.1,
+        2.0 * (floors.0 + floors.1),
         fmt(&off),
         fmt(&on),
     ));
