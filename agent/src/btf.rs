@@ -777,7 +777,7 @@ mod tests {
         let btf = KernelBtf::parse(&sample()).unwrap();
         let e = crate::loader::SchedOffsets::find(&btf).unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("task_struct.se"), "{msg}");
+        assert!(msg.contains("sched_entity.cfs_rq"), "{msg}");
         assert!(msg.contains("CONFIG_FAIR_GROUP_SCHED"), "{msg}");
         assert!(msg.contains("leave `sched` out of --probes"), "{msg}");
     }

@@ -52,38 +52,41 @@ pub struct SchedOffsets {
     pub last_arrival: u32,
     pub sum_exec: u32,
     pub prev_sum_exec: u32,
+    pub policy: u32,
 }
 
 impl SchedOffsets {
     pub fn find(kbtf: &KernelBtf) -> anyhow::Result<SchedOffsets> {
-        let field = |ty: &str, member: &str, config: &str| {
+        // `config`: the kernel option a field depends on; the others exist in every kernel
+        // with BTF.
+        let field = |ty: &str, member: &str, config: Option<&str>| {
             kbtf.member_offset(ty, member).with_context(|| {
+                let needs = config
+                    .map(|c| format!(" (it needs {c})"))
+                    .unwrap_or_default();
                 format!(
-                    "the sched probe reads {ty}.{member}, which this kernel's BTF lacks \
-                     (it needs {config}); leave `sched` out of --probes on this kernel"
+                    "the sched probe reads {ty}.{member}, which this kernel's BTF lacks{needs}; \
+                     leave `sched` out of --probes on this kernel"
                 )
             })
         };
-        let se = field("task_struct", "se", "CONFIG_FAIR_GROUP_SCHED")?;
-        let sched_info = field("task_struct", "sched_info", "CONFIG_SCHED_INFO")?;
+        const FAIR_GROUP: Option<&str> = Some("CONFIG_FAIR_GROUP_SCHED");
+        const SCHED_INFO: Option<&str> = Some("CONFIG_SCHED_INFO");
+        let cfs_rq = field("sched_entity", "cfs_rq", FAIR_GROUP)?;
+        let cfs_rq_rq = field("cfs_rq", "rq", FAIR_GROUP)?;
+        let sched_info = field("task_struct", "sched_info", SCHED_INFO)?;
+        let run_delay = field("sched_info", "run_delay", SCHED_INFO)?;
+        let last_arrival = field("sched_info", "last_arrival", SCHED_INFO)?;
+        let se = field("task_struct", "se", None)?;
         Ok(SchedOffsets {
-            task_cfs_rq: se + field("sched_entity", "cfs_rq", "CONFIG_FAIR_GROUP_SCHED")?,
-            cfs_rq_rq: field("cfs_rq", "rq", "CONFIG_FAIR_GROUP_SCHED")?,
-            rq_clock: field("rq", "clock", "CONFIG_FAIR_GROUP_SCHED")?,
-            run_delay: sched_info + field("sched_info", "run_delay", "CONFIG_SCHED_INFO")?,
-            last_arrival: sched_info + field("sched_info", "last_arrival", "CONFIG_SCHED_INFO")?,
-            sum_exec: se
-                + field(
-                    "sched_entity",
-                    "sum_exec_runtime",
-                    "CONFIG_FAIR_GROUP_SCHED",
-                )?,
-            prev_sum_exec: se
-                + field(
-                    "sched_entity",
-                    "prev_sum_exec_runtime",
-                    "CONFIG_FAIR_GROUP_SCHED",
-                )?,
+            task_cfs_rq: se + cfs_rq,
+            cfs_rq_rq,
+            rq_clock: field("rq", "clock", None)?,
+            run_delay: sched_info + run_delay,
+            last_arrival: sched_info + last_arrival,
+            sum_exec: se + field("sched_entity", "sum_exec_runtime", None)?,
+            prev_sum_exec: se + field("sched_entity", "prev_sum_exec_runtime", None)?,
+            policy: field("task_struct", "policy", None)?,
         })
     }
 }

@@ -51,7 +51,7 @@ pub const RUNQUEUE_LATENCY: MetricDef = MetricDef {
     help: "Time threads spent runnable but waiting for a CPU: from wakeup, or preemption while runnable, until they ran (the kernel's run_delay accounting).",
     labels: &[],
     per_process: true,
-    source: "tp_btf/sched_switch, sched_wakeup_new",
+    source: "tp_btf/sched_switch, sched_wakeup_new, sched_process_exit",
 };
 
 pub const OFFCPU_SECONDS: MetricDef = MetricDef {
@@ -60,7 +60,7 @@ pub const OFFCPU_SECONDS: MetricDef = MetricDef {
     help: "Time threads spent off-CPU, from switch-out to switch-in, by why they left: voluntary (S sleep), uninterruptible (D: I/O, vfork, some locks), involuntary (preempted).",
     labels: &["reason"],
     per_process: true,
-    source: "tp_btf/sched_switch",
+    source: "tp_btf/sched_switch, sched_process_exit",
 };
 
 pub const OFFCPU_DURATION: MetricDef = MetricDef {
@@ -69,7 +69,7 @@ pub const OFFCPU_DURATION: MetricDef = MetricDef {
     help: "Distribution of single off-CPU intervals, by reason.",
     labels: &["reason"],
     per_process: true,
-    source: "tp_btf/sched_switch",
+    source: "tp_btf/sched_switch, sched_process_exit",
 };
 
 pub const CONTEXT_SWITCHES: MetricDef = MetricDef {

@@ -81,6 +81,8 @@ pub const GLOBAL_TASK_LAST_ARRIVAL_OFFSET: &str = "TASK_LAST_ARRIVAL_OFF";
 /// Globals: `task_struct.se.sum_exec_runtime` and `task_struct.se.prev_sum_exec_runtime`.
 pub const GLOBAL_TASK_SUM_EXEC_OFFSET: &str = "TASK_SUM_EXEC_OFF";
 pub const GLOBAL_TASK_PREV_SUM_EXEC_OFFSET: &str = "TASK_PREV_SUM_EXEC_OFF";
+/// Global: `task_struct.policy`.
+pub const GLOBAL_TASK_POLICY_OFFSET: &str = "TASK_POLICY_OFF";
 
 /// tp_btf/sched_switch for kernels whose tracepoint passes `prev_state` (v5.18+).
 pub const PROG_SWITCH: &str = "sw_switch";

@@ -60,8 +60,8 @@ pub const TASK_STATE_MASK: u32 = 0x07ff;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
-    /// When the thread last left the CPU, on that run queue's clock; 0 while it runs (or
-    /// before we first saw it leave).
+    /// When the thread last left a CPU, on that run queue's clock; 0 before we first saw it
+    /// leave.
     pub offcpu_since_ns: u64,
     /// The thread's `sched_info.run_delay` (total run-queue wait) when it last left a CPU, or
     /// 0 for a new thread: the next wait is what the kernel adds to it. Valid with

@@ -4,7 +4,8 @@
 //! storage (found through the task pointer tp_btf hands us), the kernel's own `sched_info`
 //! and run-queue clock read with direct loads, and one per-process lookup. Per-process
 //! aggregates live in a per-CPU hash written by sched_switch (IRQs off: plain increments) and
-//! by sched_process_exit (preemptible: atomic increments, which a switch cannot split).
+//! by sched_process_exit (atomic increments: on PREEMPT_RT a tracepoint program can be
+//! preempted, by a switch that updates the same entry).
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
@@ -49,6 +50,14 @@ static TASK_LAST_ARRIVAL_OFF: u32 = 0;
 static TASK_SUM_EXEC_OFF: u32 = 0;
 #[no_mangle]
 static TASK_PREV_SUM_EXEC_OFF: u32 = 0;
+/// `task_struct.policy`.
+#[no_mangle]
+static TASK_POLICY_OFF: u32 = 0;
+
+// Scheduling policies (include/uapi/linux/sched.h) the fair class runs.
+const SCHED_NORMAL: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+const SCHED_IDLE: u32 = 5;
 
 /// Per-thread state in task-local storage: found through the task, freed with it.
 #[btf_map]
@@ -176,11 +185,21 @@ fn charge_run<const ATOMIC: bool>(
     // The wait the kernel added at this run's arrival (plus any part a migration while
     // queued added earlier): everything since our last look.
     let run_delay: u64 = btf_load(task, &TASK_RUN_DELAY_OFF);
+    let arrival: u64 = btf_load(task, &TASK_LAST_ARRIVAL_OFF);
     unsafe {
         (*t).run_delay_base_ns = run_delay;
         (*t).flags = s.flags | THREAD_HAS_BASE;
     }
     let stats = proc_stats(s.tgid)?;
+    if arrival == 0 {
+        // A task that has run but was never stamped: this kernel does not maintain
+        // sched_info (5.11-5.13 booted with nodelayacct and without CONFIG_SCHEDSTATS), so
+        // run_delay is 0 too. Nothing can be measured; say so at every switch.
+        if s.flags & THREAD_HAS_BASE != 0 || s.offcpu_since_ns != 0 {
+            count(Counter::OffCpuUnmeasured);
+        }
+        return Some(stats);
+    }
     unsafe {
         if s.flags & THREAD_HAS_BASE != 0 {
             observe::<ATOMIC>(
@@ -189,7 +208,7 @@ fn charge_run<const ATOMIC: bool>(
             );
         }
         if s.offcpu_since_ns != 0 {
-            match run_start(task, s.offcpu_since_ns, now) {
+            match run_start(task, arrival, s.offcpu_since_ns, now) {
                 Some(start) => {
                     // Bounded index: the verifier sees the explicit match.
                     let hist = match s.reason {
@@ -215,17 +234,24 @@ fn observe<const ATOMIC: bool>(h: &mut Hist, ns: u64) {
     }
 }
 
-/// When the current run of `task` began, on the run-queue clock; at least `since` (the
-/// thread's last switch-out), or `None`.
+/// When the current run of `task` began, on the run-queue clock: `arrival`
+/// (`sched_info.last_arrival`) if the kernel stamped this run, else estimated; at least
+/// `since` (the thread's last switch-out, maybe on another CPU's clock), or `None`.
 #[inline(always)]
-fn run_start(task: *const u8, since: u64, now: u64) -> Option<u64> {
-    let arrival: u64 = btf_load(task, &TASK_LAST_ARRIVAL_OFF);
+fn run_start(task: *const u8, arrival: u64, since: u64, now: u64) -> Option<u64> {
     if arrival >= since {
         return Some(arrival);
     }
-    // The kernel stamps an arrival only after a queued wait it recorded; a task preempted
-    // after it had set a sleeping state gets none. Its run so far, from the fair class's
-    // accounting (updated as it left), gives the start instead.
+    // Since v5.14 the kernel stamps an arrival only after a queued wait it recorded, and a
+    // task preempted after it had set a sleeping state is not re-queued for sched_info. For a
+    // task of the fair class (a SCHED_NORMAL/BATCH/IDLE policy), `se.prev_sum_exec_runtime`
+    // is its run time when this run began, so its run so far dates the start. That run
+    // time leaves out IRQ and steal time where the kernel accounts them: the estimate errs
+    // late, the interval long. Other classes do not maintain it: not measured.
+    let policy: u32 = btf_load(task, &TASK_POLICY_OFF);
+    if !matches!(policy, SCHED_NORMAL | SCHED_BATCH | SCHED_IDLE) {
+        return None;
+    }
     let total: u64 = btf_load(task, &TASK_SUM_EXEC_OFF);
     let at_start: u64 = btf_load(task, &TASK_PREV_SUM_EXEC_OFF);
     let start = now.checked_sub(total.checked_sub(at_start)?)?;
