@@ -51,8 +51,6 @@ pub struct SchedOffsets {
     pub run_delay: u32,
     pub last_arrival: u32,
     pub sum_exec: u32,
-    pub prev_sum_exec: u32,
-    pub policy: u32,
 }
 
 impl SchedOffsets {
@@ -85,8 +83,6 @@ impl SchedOffsets {
             run_delay: sched_info + run_delay,
             last_arrival: sched_info + last_arrival,
             sum_exec: se + field("sched_entity", "sum_exec_runtime", None)?,
-            prev_sum_exec: se + field("sched_entity", "prev_sum_exec_runtime", None)?,
-            policy: field("task_struct", "policy", None)?,
         })
     }
 }
@@ -156,11 +152,6 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
             true,
         )
         .override_global(names::GLOBAL_TASK_SUM_EXEC_OFFSET, &sched.sum_exec, true)
-        .override_global(
-            names::GLOBAL_TASK_PREV_SUM_EXEC_OFFSET,
-            &sched.prev_sum_exec,
-            true,
-        )
         .override_global(names::GLOBAL_SC_FILTER, &scope.filter, true)
         .override_global(names::GLOBAL_SC_CG_LEVELS, &scope.levels, true)
         .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)

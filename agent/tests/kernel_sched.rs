@@ -237,7 +237,12 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
         runq_count >= N as f64,
         "{runq_count} run-queue waits for {N} processes"
     );
-    assert_eq!(drops, 0.0, "events dropped during churn");
+    assert_eq!(
+        drops,
+        0.0,
+        "events dropped during churn: {:?}",
+        after.nonzero("stallwatch_events_dropped_total")
+    );
     let threads1 = map_entries(&after, "SW_THREADS");
     assert!(
         threads1 <= threads0 + 20.0,

@@ -215,6 +215,15 @@ impl Metrics {
             .sum()
     }
 
+    /// The nonzero series of `name`, for assertion messages.
+    pub fn nonzero(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|((n, _), v)| n == name && **v != 0.0)
+            .map(|((_, labels), v)| format!("{labels:?} {v}"))
+            .collect()
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.0.keys().any(|(n, _)| n == name)
     }

@@ -63,8 +63,8 @@ pub enum Counter {
     /// evicted from the (LRU) in-flight map.
     GcUnmatched = 19,
     /// An off-CPU interval whose end the kernel did not stamp (a task preempted after setting
-    /// a sleeping state) and whose run time could not date it either (not a fair-class
-    /// task), or a switch on a kernel that keeps no `sched_info` at all: not observed.
+    /// a sleeping state) and whose run time could not date it either, or a switch on a kernel
+    /// that keeps no `sched_info` at all: not observed.
     OffCpuUnmeasured = 20,
 }
 

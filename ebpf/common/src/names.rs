@@ -78,11 +78,8 @@ pub const GLOBAL_CFS_RQ_RQ_OFFSET: &str = "CFS_RQ_RQ_OFF";
 pub const GLOBAL_RQ_CLOCK_OFFSET: &str = "RQ_CLOCK_OFF";
 pub const GLOBAL_TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFF";
 pub const GLOBAL_TASK_LAST_ARRIVAL_OFFSET: &str = "TASK_LAST_ARRIVAL_OFF";
-/// Globals: `task_struct.se.sum_exec_runtime` and `task_struct.se.prev_sum_exec_runtime`.
+/// Global: `task_struct.se.sum_exec_runtime`.
 pub const GLOBAL_TASK_SUM_EXEC_OFFSET: &str = "TASK_SUM_EXEC_OFF";
-pub const GLOBAL_TASK_PREV_SUM_EXEC_OFFSET: &str = "TASK_PREV_SUM_EXEC_OFF";
-/// Global: `task_struct.policy`.
-pub const GLOBAL_TASK_POLICY_OFFSET: &str = "TASK_POLICY_OFF";
 
 /// tp_btf/sched_switch for kernels whose tracepoint passes `prev_state` (v5.18+).
 pub const PROG_SWITCH: &str = "sw_switch";

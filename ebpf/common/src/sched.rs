@@ -63,6 +63,9 @@ pub struct ThreadState {
     /// When the thread last left a CPU, on that run queue's clock; 0 before we first saw it
     /// leave.
     pub offcpu_since_ns: u64,
+    /// Its `se.sum_exec_runtime` (run time, ns) then: dates its next run's start where the
+    /// kernel did not stamp it.
+    pub sum_exec_ns: u64,
     /// The thread's `sched_info.run_delay` (total run-queue wait) when it last left a CPU, or
     /// 0 for a new thread: the next wait is what the kernel adds to it. Valid with
     /// `THREAD_HAS_BASE`.
@@ -81,7 +84,7 @@ pub const THREAD_SEEN: u8 = 2;
 /// `run_delay_base_ns` is set: the thread's next run-queue wait can be measured.
 pub const THREAD_HAS_BASE: u8 = 4;
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 24);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 32);
 
 /// Per-process (tgid) scheduler aggregates, one copy per CPU. Counters only grow; the agent
 /// sums CPUs and never resets them.

@@ -44,20 +44,10 @@ static TASK_RUN_DELAY_OFF: u32 = 0;
 /// `task_struct.sched_info.last_arrival`: when the task's current (or last) run began.
 #[no_mangle]
 static TASK_LAST_ARRIVAL_OFF: u32 = 0;
-/// `task_struct.se.sum_exec_runtime` and `.prev_sum_exec_runtime` (its value when the
-/// current run began).
+/// `task_struct.se.sum_exec_runtime`: the task's run time, which every scheduling class
+/// accounts.
 #[no_mangle]
 static TASK_SUM_EXEC_OFF: u32 = 0;
-#[no_mangle]
-static TASK_PREV_SUM_EXEC_OFF: u32 = 0;
-/// `task_struct.policy`.
-#[no_mangle]
-static TASK_POLICY_OFF: u32 = 0;
-
-// Scheduling policies (include/uapi/linux/sched.h) the fair class runs.
-const SCHED_NORMAL: u32 = 0;
-const SCHED_BATCH: u32 = 3;
-const SCHED_IDLE: u32 = 5;
 
 /// Per-thread state in task-local storage: found through the task, freed with it.
 #[btf_map]
@@ -101,7 +91,7 @@ pub fn sw_switch_v1(ctx: BtfTracePointContext) -> u32 {
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_state = task_state(prev).unwrap_or(0);
+    let prev_state = task_state(prev);
     on_switch(preempt & 0xff != 0, prev, prev_state, next);
     0
 }
@@ -156,6 +146,7 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, _next: *const u8) 
     }
     unsafe {
         (*t).offcpu_since_ns = now;
+        (*t).sum_exec_ns = btf_load(prev, &TASK_SUM_EXEC_OFF);
         (*t).reason = reason as u8;
     }
 }
@@ -208,7 +199,7 @@ fn charge_run<const ATOMIC: bool>(
             );
         }
         if s.offcpu_since_ns != 0 {
-            match run_start(task, arrival, s.offcpu_since_ns, now) {
+            match run_start(task, arrival, &s, now) {
                 Some(start) => {
                     // Bounded index: the verifier sees the explicit match.
                     let hist = match s.reason {
@@ -238,24 +229,19 @@ fn observe<const ATOMIC: bool>(h: &mut Hist, ns: u64) {
 /// (`sched_info.last_arrival`) if the kernel stamped this run, else estimated; at least
 /// `since` (the thread's last switch-out, maybe on another CPU's clock), or `None`.
 #[inline(always)]
-fn run_start(task: *const u8, arrival: u64, since: u64, now: u64) -> Option<u64> {
-    if arrival >= since {
+fn run_start(task: *const u8, arrival: u64, s: &ThreadState, now: u64) -> Option<u64> {
+    if arrival >= s.offcpu_since_ns {
         return Some(arrival);
     }
     // Since v5.14 the kernel stamps an arrival only after a queued wait it recorded, and a
-    // task preempted after it had set a sleeping state is not re-queued for sched_info. For a
-    // task of the fair class (a SCHED_NORMAL/BATCH/IDLE policy), `se.prev_sum_exec_runtime`
-    // is its run time when this run began, so its run so far dates the start. That run
-    // time leaves out IRQ and steal time where the kernel accounts them: the estimate errs
-    // late, the interval long. Other classes do not maintain it: not measured.
-    let policy: u32 = btf_load(task, &TASK_POLICY_OFF);
-    if !matches!(policy, SCHED_NORMAL | SCHED_BATCH | SCHED_IDLE) {
-        return None;
-    }
+    // task preempted after it had set a sleeping state is not re-queued for sched_info. Then
+    // the run's length dates its start: the task's run time now minus at its last
+    // switch-out (every class accounts it before the switch). That run time leaves out IRQ
+    // and steal time where the kernel accounts them: the estimate errs late, the interval
+    // long.
     let total: u64 = btf_load(task, &TASK_SUM_EXEC_OFF);
-    let at_start: u64 = btf_load(task, &TASK_PREV_SUM_EXEC_OFF);
-    let start = now.checked_sub(total.checked_sub(at_start)?)?;
-    (start >= since).then_some(start)
+    let start = now.checked_sub(total.checked_sub(s.sum_exec_ns)?)?;
+    (start >= s.offcpu_since_ns).then_some(start)
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
@@ -263,9 +249,7 @@ pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
     // A new task's first wait for a CPU: its run_delay starts at 0 (sched_fork clears
     // sched_info), so the base is 0. Current is the parent, so read the child's tgid.
     let task: *const u8 = ctx.arg(0);
-    let Some(tgid) = task_tgid(task) else {
-        return 0;
-    };
+    let tgid = task_tgid(task);
     let Some(t) = SW_THREADS.get_or_create(task) else {
         count(Counter::ThreadStateFailed);
         return 0;
@@ -276,6 +260,7 @@ pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
         }
         *t = ThreadState {
             offcpu_since_ns: 0,
+            sum_exec_ns: 0,
             run_delay_base_ns: 0,
             tgid,
             reason: OffCpuReason::Involuntary as u8,
@@ -292,16 +277,10 @@ pub fn sw_fork(ctx: BtfTracePointContext) -> u32 {
     // its entry here, where interrupts are on, rather than in sched_switch: the per-CPU
     // entries are allocated on demand and the allocator refills its cache from irq_work.
     let child: *const u8 = ctx.arg(1);
-    // One read, one check, in order: with both reads before one combined check, LLVM tests
-    // the first read's result twice, and verifiers before ~6.8 cannot tell the second test
-    // is decided by the first (they do not narrow a scalar on `!= 0`), so they walk a path
-    // that reads an unset register and reject the program (seen on Debian 12's 6.1).
-    let Some(pid) = task_pid(child) else {
-        return 0;
-    };
-    let Some(tgid) = task_tgid(child) else {
-        return 0;
-    };
+    // Direct loads: no helper results to check (with bpf_probe_read_kernel, LLVM merged two
+    // result checks into one that verifiers before ~6.8 could not follow, seen on 6.1).
+    let pid = task_pid(child);
+    let tgid = task_tgid(child);
     if pid == tgid {
         let _ = proc_stats(tgid);
     }

@@ -81,27 +81,24 @@ pub fn btf_load<T: Copy>(obj: *const u8, offset_global: &'static u32) -> T {
     }
 }
 
+/// `task->tgid` of any task, through a BTF task pointer (a direct load).
 #[inline(always)]
-fn read_task_u32(task: *const u8, offset_global: &'static u32) -> Option<u32> {
-    read_field(task, offset_global)
+pub fn task_tgid(task: *const u8) -> u32 {
+    btf_load(task, &TASK_TGID_OFF)
 }
 
-/// `task->tgid` of any task (not only current).
+/// `task->pid` (the thread id) of any task, through a BTF task pointer.
 #[inline(always)]
-pub fn task_tgid(task: *const u8) -> Option<u32> {
-    read_task_u32(task, &TASK_TGID_OFF)
+pub fn task_pid(task: *const u8) -> u32 {
+    btf_load(task, &TASK_PID_OFF)
 }
 
-/// `task->pid` (the thread id) of any task.
+/// `task->__state`, for kernels whose sched_switch does not pass `prev_state`. Before v5.14
+/// the field is a `long state`: its low 32 bits, which hold every state bit, on the
+/// little-endian architectures we build for.
 #[inline(always)]
-pub fn task_pid(task: *const u8) -> Option<u32> {
-    read_task_u32(task, &TASK_PID_OFF)
-}
-
-/// `task->__state`, for kernels whose sched_switch does not pass `prev_state`.
-#[inline(always)]
-pub fn task_state(task: *const u8) -> Option<u32> {
-    read_task_u32(task, &TASK_STATE_OFF)
+pub fn task_state(task: *const u8) -> u32 {
+    btf_load(task, &TASK_STATE_OFF)
 }
 
 /// `task->signal->live` (how many of the process's threads have not yet started to exit) and
