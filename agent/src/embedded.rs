@@ -94,9 +94,18 @@ mod tests {
             let sec = section_of(m);
             assert!(sec == "maps" || sec == ".maps", "{m} in section {sec}");
         }
+        // Frozen read-only globals: the verifier sees their values as constants, which the
+        // direct BTF loads at these offsets need.
         for g in [
             names::GLOBAL_TASK_TGID_OFFSET,
+            names::GLOBAL_TASK_PID_OFFSET,
             names::GLOBAL_TASK_STATE_OFFSET,
+            names::GLOBAL_TASK_CFS_RQ_OFFSET,
+            names::GLOBAL_CFS_RQ_RQ_OFFSET,
+            names::GLOBAL_RQ_CLOCK_OFFSET,
+            names::GLOBAL_TASK_RUN_DELAY_OFFSET,
+            names::GLOBAL_TASK_LAST_ARRIVAL_OFFSET,
+            names::GLOBAL_TASK_SUM_EXEC_OFFSET,
         ] {
             assert_eq!(section_of(g), ".rodata", "{g}");
         }

@@ -173,6 +173,13 @@ impl super::Probe for LifecycleHealth {
     fn drops(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("event_ring_full", self.counters.get(Counter::EventRingFull)),
+            // bpf_probe_read_kernel in the shared helper (the exit program's task->signal
+            // reads, the tcp programs' socket fields); lifecycle attaches with every probe
+            // that uses it.
+            (
+                "kernel_read_failed",
+                self.counters.get(Counter::TaskReadFailed),
+            ),
             (
                 "bad_event",
                 self.bad_event.load(std::sync::atomic::Ordering::Relaxed),

@@ -163,7 +163,6 @@ impl super::Probe for SchedProbe {
             ("thread_state_failed", k(Counter::ThreadStateFailed)),
             ("process_map_full", k(Counter::ProcMapFull)),
             ("process_alloc_failed", k(Counter::ProcAllocFailed)),
-            ("task_read_failed", k(Counter::TaskReadFailed)),
             ("offcpu_unmeasured", k(Counter::OffCpuUnmeasured)),
         ];
         v.extend(s.drops.list());

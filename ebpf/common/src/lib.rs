@@ -30,7 +30,8 @@ pub enum Counter {
     /// Entries added to / removed from the per-thread map; the difference is its size.
     ThreadInserted = 3,
     ThreadDeleted = 4,
-    /// `bpf_probe_read_kernel` of a task field failed (wrong BTF offset or a racing free).
+    /// `bpf_probe_read_kernel` of a kernel field failed (a task's `signal`, a socket's fields):
+    /// a wrong BTF offset or a racing free. Reported by the lifecycle as `kernel_read_failed`.
     TaskReadFailed = 5,
     /// A per-process entry could not be allocated (the kernel's BPF allocator cache was empty).
     ProcAllocFailed = 6,

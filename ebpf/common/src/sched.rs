@@ -35,10 +35,13 @@ impl OffCpuReason {
     /// voluntary when the task was not preempted and had left `TASK_RUNNING`.
     #[inline(always)]
     pub const fn classify(preempt: bool, prev_state: u32) -> OffCpuReason {
-        if preempt || prev_state & TASK_STATE_MASK == TASK_RUNNING {
+        if preempt || prev_state == TASK_RUNNING {
             OffCpuReason::Involuntary
-        } else if prev_state & TASK_UNINTERRUPTIBLE != 0 && prev_state & TASK_NOLOAD == 0 {
-            // TASK_IDLE (UNINTERRUPTIBLE|NOLOAD) is an idle kernel thread, not a D-state wait.
+        } else if (prev_state & TASK_UNINTERRUPTIBLE != 0 && prev_state & TASK_NOLOAD == 0)
+            || prev_state & TASK_RTLOCK_WAIT != 0
+        {
+            // TASK_IDLE (UNINTERRUPTIBLE|NOLOAD) is an idle kernel thread, not a D-state wait;
+            // a PREEMPT_RT sleeping-lock wait is one (D, as `ps` shows it).
             OffCpuReason::Uninterruptible
         } else {
             OffCpuReason::Voluntary
@@ -51,9 +54,9 @@ pub const TASK_RUNNING: u32 = 0x0000;
 pub const TASK_UNINTERRUPTIBLE: u32 = 0x0002;
 pub const TASK_DEAD: u32 = 0x0080;
 pub const TASK_NOLOAD: u32 = 0x0400;
-/// The state bits below TASK_REPORT_MAX plus the special ones we test; higher bits are flags
-/// (TASK_FREEZABLE, TASK_RTLOCK_WAIT...) that do not change the classification.
-pub const TASK_STATE_MASK: u32 = 0x07ff;
+/// A PREEMPT_RT sleeping-lock wait (v5.15+). Any other nonzero state, TASK_FROZEN (0x8000,
+/// v6.1+) included, is a voluntary switch as the kernel counts `nvcsw`.
+pub const TASK_RTLOCK_WAIT: u32 = 0x1000;
 
 /// Per-thread scheduling state, in task-local storage (removed when the task switches out for
 /// the last time with `TASK_DEAD`, or freed with the task).
@@ -148,6 +151,10 @@ mod tests {
         assert_eq!(OffCpuReason::classify(false, 0x102), Uninterruptible); // TASK_KILLABLE
         assert_eq!(OffCpuReason::classify(false, 0x402), Voluntary); // TASK_IDLE
         assert_eq!(OffCpuReason::classify(false, 0x4), Voluntary); // __TASK_STOPPED
-        assert_eq!(OffCpuReason::classify(false, 0x8002), Uninterruptible); // | TASK_FREEZABLE
+        assert_eq!(OffCpuReason::classify(false, 0x2002), Uninterruptible); // | TASK_FREEZABLE
+        assert_eq!(OffCpuReason::classify(false, 0x2001), Voluntary); // | TASK_FREEZABLE
+        assert_eq!(OffCpuReason::classify(false, 0x8000), Voluntary); // TASK_FROZEN
+        assert_eq!(OffCpuReason::classify(false, 0x1000), Uninterruptible); // TASK_RTLOCK_WAIT
+        assert_eq!(OffCpuReason::classify(true, 0x8000), Involuntary);
     }
 }

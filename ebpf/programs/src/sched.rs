@@ -59,6 +59,21 @@ static SW_THREADS: TaskStorage<ThreadState> = TaskStorage::new();
 static SW_PROC_SCHED: PerCpuHashMap<u32, SchedStats> =
     PerCpuHashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// The task's scheduler state, created if absent (a failure is counted), and whether it is
+/// new: task storage hands out zeroed values, so `THREAD_SEEN` clear means new.
+#[inline(always)]
+fn thread_state(task: *const u8) -> Option<(*mut ThreadState, bool)> {
+    let Some(t) = SW_THREADS.get_or_create(task) else {
+        count(Counter::ThreadStateFailed);
+        return None;
+    };
+    let new = unsafe { (*t).flags } & THREAD_SEEN == 0;
+    if new {
+        count(Counter::ThreadInserted);
+    }
+    Some((t, new))
+}
+
 /// Template for new per-process entries: too large for the 512-byte BPF stack.
 static ZERO_STATS: SchedStats = SchedStats::ZERO;
 
@@ -113,16 +128,14 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, _next: *const u8) 
         }
         return;
     }
-    let Some(t) = SW_THREADS.get_or_create(prev) else {
-        count(Counter::ThreadStateFailed);
+    let Some((t, new)) = thread_state(prev) else {
         return;
     };
     unsafe {
-        if (*t).flags & THREAD_SEEN == 0 {
+        if new {
             // A thread's tgid never changes: read it once (every helper call costs).
             (*t).flags |= THREAD_SEEN;
             (*t).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            count(Counter::ThreadInserted);
         }
         if (*t).flags & THREAD_EXITING != 0 || (*t).tgid == 0 {
             // Past sched_process_exit (the agent may already have retired this process),
@@ -250,14 +263,10 @@ pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
     // sched_info), so the base is 0. Current is the parent, so read the child's tgid.
     let task: *const u8 = ctx.arg(0);
     let tgid = task_tgid(task);
-    let Some(t) = SW_THREADS.get_or_create(task) else {
-        count(Counter::ThreadStateFailed);
+    let Some((t, _)) = thread_state(task) else {
         return 0;
     };
     unsafe {
-        if (*t).flags & THREAD_SEEN == 0 {
-            count(Counter::ThreadInserted);
-        }
         *t = ThreadState {
             offcpu_since_ns: 0,
             sum_exec_ns: 0,
@@ -295,14 +304,11 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // Create the state if the thread never left a CPU since we attached: any later
     // switch of an exiting thread must be ignored, or it could re-create the entry of a
     // process the agent has already retired.
-    let Some(t) = SW_THREADS.get_or_create(task) else {
-        count(Counter::ThreadStateFailed);
+    let Some((t, new)) = thread_state(task) else {
         return 0;
     };
     unsafe {
-        if (*t).flags & THREAD_SEEN == 0 {
-            count(Counter::ThreadInserted);
-        } else if (*t).flags & THREAD_EXITING == 0 && (*t).tgid != 0 {
+        if !new && (*t).flags & THREAD_EXITING == 0 && (*t).tgid != 0 {
             // The run ending in exit will not be charged at a switch-out (exiting threads'
             // switches are ignored): charge it now, as the process's exit event goes out.
             // Exiting first, so a switch preempting this program leaves the state alone.
