@@ -256,23 +256,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let base = prog_stats()?;
         let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         owners.push(("stallwatch", new_ids(&base)?));
-        let base = prog_stats()?;
-        let _runqlat = Peer::start(&["runqlat", "3600"])?;
-        let ids = wait_ids(&base)?;
-        owners.push(("runqlat", ids));
-        let base = prog_stats()?;
-        let _offcpu = Peer::start(&["offcputime", "3600"])?;
-        let ids = wait_ids(&base)?;
-        owners.push(("offcputime", ids));
-        // The floor: what any program on this hook pays per run here.
-        let base = prog_stats()?;
-        let _empty = Peer::start(&["bpftrace", "-e", EMPTY_SWITCH_PROGRAM])?;
-        let ids = wait_ids(&base)?;
-        owners.push(("empty", ids));
-        let base = prog_stats()?;
-        let _clock = Peer::start(&["bpftrace", "-e", CLOCK_SWITCH_PROGRAM])?;
-        let ids = wait_ids(&base)?;
-        owners.push(("clock", ids));
+        // The peers, then the floor (what any program on this hook pays per run here) and the
+        // floor with one clock read. Each keeps running until the measurement is done.
+        let mut peers = Vec::new();
+        for (tool, argv) in [
+            ("runqlat", &["runqlat", "3600"][..]),
+            ("offcputime", &["offcputime", "3600"][..]),
+            ("empty", &["bpftrace", "-e", EMPTY_SWITCH_PROGRAM][..]),
+            ("clock", &["bpftrace", "-e", CLOCK_SWITCH_PROGRAM][..]),
+        ] {
+            let base = prog_stats()?;
+            peers.push(Peer::start(argv)?);
+            owners.push((tool, wait_ids(&base)?));
+        }
         let before = prog_stats()?;
         let ctxt0 = context_switches()?;
         let usecs = sched_pipe(args.loops)?;
@@ -341,6 +337,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ));
     }
     let per_switch = |ns: u64| ns as f64 / ctxt.max(1) as f64;
+    // What one program run and one bpf_ktime_get_ns cost here; the syscall section uses both.
+    let floors = (per_switch(empty), per_switch(clock.saturating_sub(empty)));
     report.push_str(&format!(
         "\nPer context switch (total BPF time of the tool / context switches):\n\n\
          | tool | ns per context switch |\n|---|---:|\n\
@@ -358,11 +356,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         per_switch(ours),
         per_switch(runqlat),
         per_switch(offcpu),
-        per_switch(empty),
-        per_switch(clock.saturating_sub(empty)),
+        floors.0,
+        floors.1,
         ours as f64 / runqlat.max(1) as f64,
         ours_runs as f64 / ctxt.max(1) as f64,
-        per_switch(empty) * ours_runs as f64 / ctxt.max(1) as f64,
+        floors.0 * ours_runs as f64 / ctxt.max(1) as f64,
     ));
 
     // 2. Slowdown, agent off/on alternating.
@@ -392,7 +390,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         off,
         on
     ));
-    let floors = (per_switch(empty), per_switch(clock.saturating_sub(empty)));
     report.push_str(&syscall_sections(&bin, args, floors)?);
     report.push_str(&tcp_section(&bin, args)?);
     report.push_str(&gc_section(&bin, args)?);

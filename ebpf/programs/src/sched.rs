@@ -74,6 +74,15 @@ fn thread_state(task: *const u8) -> Option<(*mut ThreadState, bool)> {
     Some((t, new))
 }
 
+/// Whether the thread's runs are charged to its process: it has been seen (its tgid is
+/// known), is not past sched_process_exit (the agent may already have retired its process;
+/// its last run was charged there), and is not the idle task.
+#[inline(always)]
+fn chargeable(t: *const ThreadState) -> bool {
+    let (flags, tgid) = unsafe { ((*t).flags, (*t).tgid) };
+    flags & THREAD_SEEN != 0 && flags & THREAD_EXITING == 0 && tgid != 0
+}
+
 /// Template for new per-process entries: too large for the 512-byte BPF stack.
 static ZERO_STATS: SchedStats = SchedStats::ZERO;
 
@@ -91,12 +100,12 @@ fn proc_stats(tgid: u32) -> Option<*mut SchedStats> {
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sw_switch(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
-    //          unsigned int prev_state) — v5.18+.
+    //          unsigned int prev_state) — v5.18+. `next` is not needed: everything is charged
+    // at a thread's switch-out.
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
-    let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(preempt & 0xff != 0, prev, prev_state as u32, next);
+    on_switch(preempt & 0xff != 0, prev, prev_state as u32);
     0
 }
 
@@ -105,21 +114,19 @@ pub fn sw_switch_v1(ctx: BtfTracePointContext) -> u32 {
     // Older TP_PROTO(bool preempt, prev, next): read prev's state ourselves.
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
-    let next: *const u8 = ctx.arg(2);
     let prev_state = task_state(prev);
-    on_switch(preempt & 0xff != 0, prev, prev_state, next);
+    on_switch(preempt & 0xff != 0, prev, prev_state);
     0
 }
 
 #[inline(always)]
-fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, _next: *const u8) {
+fn on_switch(preempt: bool, prev: *const u8, prev_state: u32) {
     if prev_state & TASK_DEAD != 0 {
         // The task's last switch: charge its last run, then forget it (the kernel would free
         // the state with the task anyway; deleting keeps the entry count exact).
         if let Some(t) = SW_THREADS.get(prev) {
             // Unless sw_exit (when attached) charged it already.
-            let flags = unsafe { (*t).flags };
-            if flags & THREAD_EXITING == 0 && flags & THREAD_SEEN != 0 {
+            if chargeable(t) {
                 let _ = charge_run::<false>(t, prev, rq_clock(prev));
             }
         }
@@ -131,17 +138,15 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32, _next: *const u8) 
     let Some((t, new)) = thread_state(prev) else {
         return;
     };
-    unsafe {
-        if new {
-            // A thread's tgid never changes: read it once (every helper call costs).
+    if new {
+        // A thread's tgid never changes: read it once (every helper call costs).
+        unsafe {
             (*t).flags |= THREAD_SEEN;
             (*t).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         }
-        if (*t).flags & THREAD_EXITING != 0 || (*t).tgid == 0 {
-            // Past sched_process_exit (the agent may already have retired this process),
-            // or the idle task.
-            return;
-        }
+    }
+    if !chargeable(t) {
+        return;
     }
     let reason = OffCpuReason::classify(preempt, prev_state);
     // The scheduler updated this run queue's clock just before picking the next task; the
@@ -176,10 +181,9 @@ fn rq_clock(task: *const u8) -> u64 {
 /// `task`, a BTF pointer, on the CPU or just leaving it; `now` is its run queue's clock): its
 /// wait for a CPU and the off-CPU interval before that, both from the kernel's own
 /// `sched_info`, stamped when the run began. So a context switch costs one per-process
-/// lookup, and nothing happens at switch-in.
+/// lookup, and nothing happens at switch-in. `ATOMIC` where the caller can be preempted
+/// (sched_process_exit) by a switch that updates the same per-CPU entry.
 #[inline(always)]
-/// `ATOMIC` where the caller can be preempted (sched_process_exit) by a switch that updates the
-/// same per-CPU entry.
 fn charge_run<const ATOMIC: bool>(
     t: *mut ThreadState,
     task: *const u8,
@@ -304,11 +308,11 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // Create the state if the thread never left a CPU since we attached: any later
     // switch of an exiting thread must be ignored, or it could re-create the entry of a
     // process the agent has already retired.
-    let Some((t, new)) = thread_state(task) else {
+    let Some((t, _)) = thread_state(task) else {
         return 0;
     };
     unsafe {
-        if !new && (*t).flags & THREAD_EXITING == 0 && (*t).tgid != 0 {
+        if chargeable(t) {
             // The run ending in exit will not be charged at a switch-out (exiting threads'
             // switches are ignored): charge it now, as the process's exit event goes out.
             // Exiting first, so a switch preempting this program leaves the state alone.
