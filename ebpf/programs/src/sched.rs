@@ -8,7 +8,6 @@
 //! preempted, by a switch that updates the same entry).
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::{btf_map, btf_tracepoint, map},
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
@@ -139,10 +138,10 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32) {
         return;
     };
     if new {
-        // A thread's tgid never changes: read it once (every helper call costs).
+        // A thread's tgid never changes: read it once.
         unsafe {
             (*t).flags |= THREAD_SEEN;
-            (*t).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            (*t).tgid = task_tgid(prev);
         }
     }
     if !chargeable(t) {

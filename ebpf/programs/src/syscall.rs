@@ -26,7 +26,7 @@ use stallwatch_common::{
 };
 
 use crate::local_storage::TaskStorage;
-use crate::shared::{atomic_add, count, get_or_insert, observe_atomic};
+use crate::shared::{atomic_add, count, get_or_insert, observe_atomic, task_tgid};
 
 #[no_mangle]
 static SC_FILTER: u32 = 0;
@@ -105,11 +105,13 @@ fn selected(tgid: u32) -> bool {
 pub fn sw_sys_enter(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long id)
     let id: i64 = ctx.arg(1);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The tgid by a direct load through the task: a helper call (bpf_get_current_pid_tgid)
+    // costs more here than everything else the scope check does.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let tgid = task_tgid(task);
     if tgid == global_u32(&SC_SELF_TGID) || !selected(tgid) {
         return 0;
     }
-    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
     let Some(t) = SW_SC_THREADS.get_or_create(task) else {
         count(Counter::SyscallThreadFailed);
         return 0;
