@@ -504,8 +504,9 @@ fn syscall_sections(
          | stallwatch syscalls, process in scope | {ours:.1} |\n\
          | libbpf-tools syscount -L | {peer:.1} |\n\
          | stallwatch syscalls, process out of scope | {floor:.1} |\n\n\
-         stallwatch / syscount -L = **{:.2}×**. BPF time excludes the tracepoint dispatch \
-         itself; section 4 measures the whole added cost.\n",
+         stallwatch / syscount -L = **{:.2}×**. Target: ≤ 250 ns per syscall, like the sched \
+         probe's per context switch. BPF time excludes the tracepoint dispatch itself; section 4 \
+         measures the whole added cost, against the same target.\n",
         ours / peer.max(1e-9),
     ));
 
