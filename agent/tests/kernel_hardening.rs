@@ -1,6 +1,6 @@
 //! Kernel tests of the agent's life cycle under abuse: signals leave no program behind, a
 //! killed agent restarts cleanly, many concurrent scrapes are served, and a probed binary can
-//! be replaced while its processes run.
+//! be replaced, then deleted, while its processes run.
 
 mod common;
 
@@ -52,18 +52,17 @@ fn sigterm_and_sigint_detach_every_program_and_kill_9_leaves_a_clean_restart() {
             !ours(&loaded_programs()).is_empty(),
             "the agent's programs are loaded"
         );
-        let pid = agent.pid();
-        unsafe { libc::kill(pid as i32, signal) };
+        // The kernel frees unpinned programs on any exit, a crash included: the agent must
+        // also have shut down cleanly (status 0, its own detach logged).
+        let (status, log) = agent.signal_with_log(signal);
         assert!(
-            wait_until(Duration::from_secs(20), || !std::path::Path::new(&format!(
-                "/proc/{pid}"
-            ))
-            .exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z"))),
-            "agent did not exit on signal {signal}"
+            status.success(),
+            "clean exit on signal {signal}, got {status}; log:\n{log}"
         );
-        drop(agent);
+        assert!(
+            log.contains("detaching probes"),
+            "the agent detached its probes on signal {signal}; log:\n{log}"
+        );
         assert!(
             wait_until(Duration::from_secs(10), || ours(&loaded_programs())
                 .is_empty()),
@@ -106,8 +105,10 @@ fn a_hundred_concurrent_scrapes_are_all_served() {
 }
 
 #[test]
-fn a_probed_go_binary_replaced_while_its_process_runs() {
-    let Some(_g) = kernel_or_skip("a_probed_go_binary_replaced_while_its_process_runs") else {
+fn a_probed_go_binary_replaced_then_deleted_while_its_processes_run() {
+    let Some(_g) =
+        kernel_or_skip("a_probed_go_binary_replaced_then_deleted_while_its_processes_run")
+    else {
         return;
     };
     let Some(go) = go_toolchain("1.27.3") else {
@@ -149,9 +150,10 @@ fn a_probed_go_binary_replaced_while_its_process_runs() {
         "{}",
         agent.log()
     );
-    // Both still measured: one GC each.
+    // Both still measured: one GC each. Then the file is deleted outright (the new process
+    // keeps the unlinked inode, and its uprobes stay): its next GC is measured too.
     use std::io::{BufRead, BufReader, Write};
-    for (child, pid) in [(&mut old, old_pid), (&mut new, new_pid)] {
+    let gc_measured = |child: &mut std::process::Child, pid: u32| {
         let before = agent.scrape().sum(
             "stallwatch_runtime_pause_seconds_count",
             &[("pid", pid.to_string().as_str()), ("cause", "gc")],
@@ -173,11 +175,16 @@ fn a_probed_go_binary_replaced_while_its_process_runs() {
             2.0,
             "pid {pid}: both stops of its GC measured"
         );
-    }
+    };
+    gc_measured(&mut old, old_pid);
+    gc_measured(&mut new, new_pid);
+    std::fs::remove_file(&path).unwrap();
+    gc_measured(&mut new, new_pid);
     for mut child in [old, new] {
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
     }
+    assert_eq!(agent.get("/healthz").0, 200);
     let log = agent.log();
     assert_eq!(
         log.lines()
@@ -209,14 +216,17 @@ fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
     else {
         return;
     };
-    // Four process entries for a whole host, and one page of exit/exec events.
+    // Four process entries for a whole host, and one page for each ring: exit/exec events,
+    // and slow-syscall events, with every syscall of 1 µs or more made one.
     let agent = Agent::start(&[
         "--probes",
-        "sched,tcp",
+        "sched,tcp,syscalls",
         "--max-processes",
         "4",
         "--event-buffer",
         "4096",
+        "--slow-syscall",
+        "1us",
     ]);
     // A burst of short-lived processes: more processes than entries, and — with the agent
     // stopped (SIGSTOP), so its reader cannot drain the ring while the kernel programs keep
@@ -238,6 +248,10 @@ fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
     );
     let m = agent.scrape();
     assert!(
+        m.has_labels("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
+        "the map's fill is exported"
+    );
+    assert!(
         m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]) <= 4.0,
         "the map stays within its bound"
     );
@@ -245,6 +259,10 @@ fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
     // and every drop is counted.
     let ring = dropped(&m, "lifecycle", "event_ring_full");
     assert!(ring >= 400.0, "event_ring_full = {ring}");
+    // The slow-call ring (~73 events of 56) against thousands of syscalls of the burst (a
+    // /bin/true makes dozens, most over 1 µs here: exec, mmap, page faults).
+    let slow = dropped(&m, "syscalls", "slow_ring_full");
+    assert!(slow >= 1000.0, "slow_ring_full = {slow}");
     // With exit events lost, the sweep retires those processes (exit_missed) in time.
     assert_eq!(agent.get("/healthz").0, 200);
     assert_eq!(agent.get("/readyz").0, 200);
@@ -396,6 +414,10 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
     assert!(status.success());
     eprintln!("10,000 processes in {:?}", t0.elapsed());
     let m = agent.scrape();
+    assert!(
+        entries0 > 0.0,
+        "SW_PROC_SCHED's fill is exported (and holds the host's processes)"
+    );
     assert!(
         series(&m) > series0 + 1000,
         "per-pid series of the short-lived processes are exported for --exit-grace"

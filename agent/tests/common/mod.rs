@@ -110,9 +110,25 @@ impl Agent {
     }
 
     /// SIGTERM and wait; the exit status, and the whole log.
-    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for the agent");
+    pub fn stop_with_log(self) -> (std::process::ExitStatus, String) {
+        self.signal_with_log(libc::SIGTERM)
+    }
+
+    /// Sends `signal`, waits (at most 30 s) for the agent to exit; its exit status and log.
+    pub fn signal_with_log(mut self, signal: i32) -> (std::process::ExitStatus, String) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = self.log();
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+                panic!("agent still running 30 s after signal {signal}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         // The log reader thread ends with the pipe; give it a moment.
         std::thread::sleep(Duration::from_millis(200));
         let log = self.log();
