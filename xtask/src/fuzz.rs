@@ -10,12 +10,18 @@ use anyhow::Context;
 
 use crate::{cmd, root};
 
-pub const TARGETS: &[&str] = &["cgroup_paths", "runtime_elf", "kernel_btf", "config_file"];
+pub const TARGETS: &[&str] = &[
+    "cgroup_paths",
+    "proc_files",
+    "runtime_elf",
+    "kernel_btf",
+    "config_file",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Seconds per target.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 120)]
     seconds: u64,
     /// Only these targets [default: all].
     targets: Vec<String>,
@@ -46,10 +52,56 @@ fn seed(corpus: &Path, target: &str) -> anyhow::Result<()> {
         "runtime_elf" => {
             take("/usr/bin/true", "true", 1 << 20)?;
             take("/usr/bin/python3.11", "python3.11-head", 256 << 10)?;
+            // Whole binaries exceed -max_len, and a truncated one loses its section headers
+            // (at the end): small ELFs holding just the sections the Go and USDT parsers read,
+            // so the fuzzer starts inside those parsers.
+            for (src, sections, name) in [
+                (
+                    "/usr/lib/go-1.19/bin/gofmt",
+                    &[".gopclntab", ".go.buildinfo", ".note.go.buildid"][..],
+                    "go-sections",
+                ),
+                (
+                    "/usr/bin/python3.11",
+                    &[".note.stapsdt", ".stapsdt.base", ".probes"][..],
+                    "python3.11-usdt",
+                ),
+                (
+                    "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
+                    &[".note.stapsdt", ".stapsdt.base"][..],
+                    "libjvm-usdt",
+                ),
+            ] {
+                extract_sections(src, sections, &corpus.join(name))?;
+            }
         }
         "kernel_btf" => take("/sys/kernel/btf/vmlinux", "vmlinux-head", 256 << 10)?,
+        "proc_files" => {
+            for f in ["maps", "status", "mountinfo", "comm"] {
+                take(&format!("/proc/self/{f}"), f, 1 << 20)?;
+            }
+        }
         _ => {}
     }
+    Ok(())
+}
+
+/// Writes an ELF holding only `sections` of `src` (objcopy), if `src` exists.
+fn extract_sections(src: &str, sections: &[&str], out: &Path) -> anyhow::Result<()> {
+    if !Path::new(src).exists() {
+        return Ok(());
+    }
+    let mut c = Command::new("objcopy");
+    for s in sections {
+        c.arg(format!("--only-section={s}"));
+    }
+    c.arg(src).arg(out);
+    let o = c.output().context("running objcopy (binutils)")?;
+    anyhow::ensure!(
+        o.status.success(),
+        "objcopy {src}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(())
 }
 

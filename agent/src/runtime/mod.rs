@@ -208,7 +208,7 @@ impl Opened {
 }
 
 /// (address range, path) of each file mapping in a /proc/<pid>/maps body.
-fn mappings(maps: &str) -> impl Iterator<Item = (&str, &str, &str)> {
+pub fn mappings(maps: &str) -> impl Iterator<Item = (&str, &str, &str)> {
     maps.lines().filter_map(|line| {
         // start-end perms offset dev inode path (the path may hold spaces)
         let mut f = line.splitn(6, ' ');
