@@ -82,8 +82,9 @@ fn emit(text: &str) -> anyhow::Result<()> {
 fn run(config: config::Config) -> anyhow::Result<()> {
     // One malloc arena, set before any thread starts. With one per thread, what a burst of
     // processes or a large scrape freed stays spread over arenas that cannot be trimmed:
-    // measured over four rounds of 10,000 processes, RSS settled at 133 MB with per-thread
-    // arenas and at 16 MB with one (BENCHMARKS.md). The agent is not allocation-bound.
+    // measured (by hand, when this was set) over four rounds of 10,000 processes, RSS settled
+    // at 133 MB with per-thread arenas and at 16 MB with one; BENCHMARKS.md tracks the RSS
+    // with one. The agent is not allocation-bound.
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt before threads exist; M_ARENA_MAX is a plain tunable.
     unsafe {

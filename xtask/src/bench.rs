@@ -347,8 +347,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          | libbpf-tools offcputime | {:.1} |\n\
          | an empty program (floor per program run) | {:.1} |\n\
          | one `bpf_ktime_get_ns` (clock − empty) | {:.1} |\n\n\
-         stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch and \
-         ≤ 0.5× runqlat. Programs are attributed to tools by load order (ids new after each \
+         stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch \
+         ({}) and ≤ 0.5× runqlat ({}). Programs are attributed to tools by load order (ids new after each \
          tool started). Kernel BPF stats add their own clock reads to every run; the empty \
          program shows what entering a program and those reads cost here. stallwatch runs \
          {:.2} programs per context switch (`sw_switch` on every one; it hooks no \
@@ -359,6 +359,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         floors.0,
         floors.1,
         ours as f64 / runqlat.max(1) as f64,
+        verdict(per_switch(ours) <= 150.0),
+        verdict(ours as f64 / runqlat.max(1) as f64 <= 0.5),
         ours_runs as f64 / ctxt.max(1) as f64,
         floors.0 * ours_runs as f64 / ctxt.max(1) as f64,
     ));
@@ -384,9 +386,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          sched probe on), usecs/op:\n\n| | median | min | max |\n|---|---:|---:|---:|\n\
          | agent off | {off_med:.3} | {off_min:.3} | {off_max:.3} |\n\
          | agent on | {on_med:.3} | {on_min:.3} | {on_max:.3} |\n\n\
-         Slowdown of the medians: **{:.1} %** (target ≤ 8 %).\n\nRaw off: {:?}\n\nRaw on: {:?}\n",
+         Slowdown of the medians: **{:.1} %** (our own goal, ≤ 8 %, which the issue does not \
+         set: {}).\n\nRaw off: {:?}\n\nRaw on: {:?}\n",
         args.pairs,
         (on_med - off_med) / off_med * 100.0,
+        verdict((on_med - off_med) / off_med * 100.0 <= 8.0),
         off,
         on
     ));
@@ -504,10 +508,11 @@ fn syscall_sections(
          | stallwatch syscalls, process in scope | {ours:.1} |\n\
          | libbpf-tools syscount -L | {peer:.1} |\n\
          | stallwatch syscalls, process out of scope | {floor:.1} |\n\n\
-         stallwatch / syscount -L = **{:.2}×**. Target: ≤ 250 ns per syscall, like the sched \
-         probe's per context switch. BPF time excludes the tracepoint dispatch itself; section 4 \
-         measures the whole added cost, against the same target.\n",
+         stallwatch / syscount -L = **{:.2}×**. Target: ≤ 250 ns per syscall, BPF time per \
+         event as the sched target is judged ({}). BPF time excludes the tracepoint dispatch \
+         itself; section 4 measures the whole added cost against the same bound.\n",
         ours / peer.max(1e-9),
+        verdict(ours <= 250.0),
     ));
 
     drop(stats);
@@ -533,8 +538,8 @@ fn syscall_sections(
          | | median | min | max |\n|---|---:|---:|---:|\n\
          | agent off | {off_med:.1} | {:.1} | {:.1} |\n\
          | agent on | {on_med:.1} | {:.1} | {:.1} |\n\n\
-         Added per syscall (difference of the medians): **{:.1} ns** (target ≤ 250 ns with \
-         latency histograms on). Timing a syscall takes two programs (entry, exit) and two \
+         Added per syscall (difference of the medians): **{:.1} ns** (bound ≤ 250 ns with \
+         latency histograms on: {}). Timing a syscall takes two programs (entry, exit) and two \
          clock reads; at this machine's {:.1} ns per program run and {:.1} ns per \
          `bpf_ktime_get_ns` (section 1: an indirect call into the clocksource, a retpoline \
          here) that is {:.1} ns before any work, and enabling the raw syscall tracepoints moves \
@@ -545,6 +550,7 @@ fn syscall_sections(
         on.iter().copied().fold(f64::INFINITY, f64::min),
         on.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         on_med - off_med,
+        verdict(on_med - off_med <= 250.0),
         floors.0,
         floors.1,
         2.0 * (floors.0 + floors.1),
@@ -589,6 +595,13 @@ fn try_peer(argv: &[&str]) -> anyhow::Result<Result<(Peer, Vec<u64>), String>> {
     Ok(Err("loaded no BPF program within 10 s".into()))
 }
 
+/// tcpconnlat's measurement (SYN sent to established, per socket) on the
+/// `sock:inet_sock_set_state` tracepoint, for kernels where tcpconnlat cannot attach.
+const TCPCONNLAT_TRACEPOINT_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state \
+    /args->protocol == 6/ { if (args->newstate == 2) { @start[args->skaddr] = nsecs; } \
+    else if (args->oldstate == 2) { $t = @start[args->skaddr]; \
+    if ($t != 0) { @connect_us = hist((nsecs - $t) / 1000); } delete(@start[args->skaddr]); } }";
+
 /// Section 5: the TCP probe under a loopback connection storm.
 fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     cmd::run(Command::new("cargo").current_dir(root()).args([
@@ -609,13 +622,22 @@ fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     owners.push(("stallwatch", new_ids(&base)?));
     let mut peers = Vec::new();
     let mut failed = Vec::new();
-    for peer in [&["tcplife"][..], &["tcpconnlat"][..]] {
+    // tcpconnlat hooks tcp_v4_connect and friends with fentry or kprobes; where neither
+    // attaches (no kprobes on this project's VM), its measurement on the tracepoint stands in.
+    for (tool, peer) in [
+        ("tcplife", &["tcplife"][..]),
+        ("tcpconnlat", &["tcpconnlat"][..]),
+        (
+            "tcpconnlat (bpftrace)",
+            &["bpftrace", "-e", TCPCONNLAT_TRACEPOINT_PROGRAM][..],
+        ),
+    ] {
         match try_peer(peer)? {
             Ok((p, ids)) => {
-                owners.push((peer[0], ids));
+                owners.push((tool, ids));
                 peers.push(p);
             }
-            Err(why) => failed.push(format!("`{}` could not attach: {why}", peer[0])),
+            Err(why) => failed.push(format!("`{tool}` could not attach: {why}")),
         }
     }
     let mut server = Command::new(&swload)
@@ -859,6 +881,15 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// How a number compares with its target, in the report's words.
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
 fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))?
         .lines()
@@ -880,6 +911,7 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
          series.\n\n\
          | agent flags | processes | series | p50 ms | p99 ms | max ms | agent RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
+    let mut p99_at_10k = None;
     for (flags, n) in [
         (&["--max-series", "8"][..], 8usize),
         (&["--per-pid"][..], 8),
@@ -911,6 +943,9 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         }
         ms.sort_by(f64::total_cmp);
         let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
+        if (5_000..15_000).contains(&series) {
+            p99_at_10k = Some((series, ms[197]));
+        }
         report.push_str(&format!(
             "| `{}` | {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
             flags.join(" "),
@@ -924,6 +959,11 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         }
         drop(agent);
     }
+    let (series, p99) = p99_at_10k.context("no run with about 10k series")?;
+    report.push_str(&format!(
+        "\nTarget: p99 ≤ 10 ms at 10k series ({series} series: {p99:.2} ms, {}).\n",
+        verdict(p99 <= 10.0)
+    ));
     // RSS and CPU idle, and under hackbench.
     let agent = Agent::start_with(bin, &[])?;
     let pid = agent.0.id();
@@ -951,11 +991,12 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
     report.push_str(&format!(
         "\nDefault probes (sched, tcp, gc): RSS {:.1} MiB idle, {:.1} MiB after `{}` ({busy_s:.1} s; \
          peak {:.1} MiB). Agent CPU (all threads, /proc/<pid>/task/*/schedstat): {idle_cpu:.2} % \
-         of one CPU idle, {busy_cpu:.2} % during hackbench. Target: RSS ≤ 30 MB steady.\n",
+         of one CPU idle, {busy_cpu:.2} % during hackbench. Target: RSS ≤ 30 MB steady ({}).\n",
         rss_idle as f64 / 1024.0,
         rss_busy as f64 / 1024.0,
         hack.join(" "),
         hwm as f64 / 1024.0,
+        verdict(rss_idle.max(rss_busy) * 1024 <= 30_000_000),
     ));
     // Kernel map memory of a running agent (bpftool's memlock per map).
     let before: std::collections::BTreeSet<u64> =

@@ -132,12 +132,7 @@ pub fn agent(args: &EbpfArgs, release: bool) -> anyhow::Result<PathBuf> {
     build
         .current_dir(root())
         .args(["build", "-p", "stallwatch", "--bin", "stallwatch"]);
-    let mut dir = root().join("target");
-    if arch != Arch::host() {
-        let triple = format!("{}-unknown-linux-gnu", arch.as_str());
-        build.args(["--target", &triple]);
-        dir = dir.join(triple);
-    }
+    let dir = root().join("target");
     if release {
         build.arg("--release");
     }
