@@ -240,8 +240,8 @@ impl Drop for StatsGuard {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    if args.pairs < 1 {
-        bail!("--pairs must be at least 1");
+    if args.pairs < 7 {
+        bail!("--pairs must be at least 7: the slowdowns are medians of at least 7 pairs");
     }
     crate::setup::run(true)?;
     let bin = build::agent(&build::EbpfArgs::default(), true)?;
@@ -250,12 +250,23 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let pipe = sched_pipe_cmd(args.loops).join(" ");
 
     // 1. Cost per event, ours and the peers', in one run.
-    let (rows, ctxt, usecs_all) = {
+    let (rows, ctxt, usecs_all, alone) = {
         let _stats = StatsGuard::enable()?;
         let mut owners: Vec<(&str, Vec<u64>)> = Vec::new();
         let base = prog_stats()?;
         let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         owners.push(("stallwatch", new_ids(&base)?));
+        // First alone: without the peers' programs on the same hook (offcputime walks two
+        // stacks per switch) evicting what ours touches.
+        let alone = {
+            let before = prog_stats()?;
+            let ctxt0 = context_switches()?;
+            sched_pipe(args.loops)?;
+            let ctxt = context_switches()? - ctxt0;
+            let after = prog_stats()?;
+            let ns: u64 = deltas(&owners, &before, &after).iter().map(|r| r.2).sum();
+            ns as f64 / ctxt.max(1) as f64
+        };
         // The peers, then the floor (what any program on this hook pays per run here) and the
         // floor with one clock read. Each keeps running until the measurement is done.
         let mut peers = Vec::new();
@@ -284,7 +295,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 rows.push((tool.to_string(), name.clone(), t1 - t0, c1 - c0));
             }
         }
-        (rows, ctxt, usecs)
+        (rows, ctxt, usecs, alone)
     };
     let tool_ns = |tool: &str| -> u64 { rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum() };
     let ours_runs: u64 = rows
@@ -342,14 +353,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     report.push_str(&format!(
         "\nPer context switch (total BPF time of the tool / context switches):\n\n\
          | tool | ns per context switch |\n|---|---:|\n\
-         | stallwatch sched (all programs) | {:.1} |\n\
+         | stallwatch sched (all programs), beside the peers | {:.1} |\n\
+         | stallwatch sched alone (a run before the peers attached) | {alone:.1} |\n\
          | libbpf-tools runqlat | {:.1} |\n\
          | libbpf-tools offcputime | {:.1} |\n\
          | an empty program (floor per program run) | {:.1} |\n\
          | one `bpf_ktime_get_ns` (clock − empty) | {:.1} |\n\n\
          stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch \
-         ({}) and ≤ 0.5× runqlat ({}). Programs are attributed to tools by load order (ids new after each \
-         tool started). Kernel BPF stats add their own clock reads to every run; the empty \
+         beside the peers ({}) and ≤ 0.5× runqlat ({}). Programs are attributed to tools by \
+         load order (ids new after each tool started). Kernel BPF stats add their own clock reads to every run; the empty \
          program shows what entering a program and those reads cost here. stallwatch runs \
          {:.2} programs per context switch (`sw_switch` on every one; it hooks no \
          wakeup), so {:.1} ns of its time per switch is that floor.\n\n",
