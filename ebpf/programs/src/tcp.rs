@@ -23,7 +23,7 @@ use stallwatch_common::{
 };
 
 use crate::local_storage::SkStorage;
-use crate::shared::{atomic_add, count, get_or_insert, observe_atomic, read_field};
+use crate::shared::{atomic_add, btf_load, count, get_or_insert, observe_atomic, read_field};
 
 const IPPROTO_TCP: u16 = 6;
 
@@ -80,7 +80,9 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if read_field::<u16>(sk, &SK_PROTOCOL_OFF) != Some(IPPROTO_TCP) {
+    // Direct loads through the tracepoint's BTF socket pointer: no helper call on the path
+    // every socket state change of the node takes.
+    if btf_load::<u16>(sk, &SK_PROTOCOL_OFF) != IPPROTO_TCP {
         return 0;
     }
     if new == TCP_SYN_SENT || new == TCP_LISTEN {
@@ -144,8 +146,8 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
     }
     if new == TCP_CLOSE {
         if s.kind == SOCK_OUTBOUND && old == TCP_SYN_SENT {
-            let err = read_field::<i32>(sk, &SK_ERR_OFF).unwrap_or(0);
-            let soft = read_field::<i32>(sk, &SK_ERR_SOFT_OFF).unwrap_or(0);
+            let err: i32 = btf_load(sk, &SK_ERR_OFF);
+            let soft: i32 = btf_load(sk, &SK_ERR_SOFT_OFF);
             let result = Outbound::classify(s.flags & SOCK_GOT_RST != 0, err, soft);
             if let Some(st) = stats(s.tgid) {
                 let st = unsafe { &mut *st };
