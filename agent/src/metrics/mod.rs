@@ -301,19 +301,200 @@ pub fn gc_families(
         .collect()
 }
 
-/// Prometheus text exposition of `families`.
+/// Size of the last exposition: the next one starts with room for it.
+static LAST_EXPOSITION_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Prometheus text exposition of `families`, byte for byte what `prometheus::TextEncoder`
+/// writes (a test holds the two equal), but with each metric's labels escaped once for all
+/// its lines, each bucket bound formatted once per scrape, integral values written as
+/// integers and no allocation per sample: a 10k-series scrape spent most of its time in the
+/// crate's per-line formatting.
 pub fn encode(families: &[MetricFamily]) -> String {
-    use prometheus::Encoder;
-    let mut buf = Vec::new();
-    prometheus::TextEncoder::new()
-        .encode(families, &mut buf)
-        .expect("text encoding into a Vec cannot fail");
-    String::from_utf8(buf).expect("text exposition is UTF-8")
+    use std::sync::atomic::Ordering::Relaxed;
+    let hint = LAST_EXPOSITION_LEN.load(Relaxed);
+    let mut out = String::with_capacity(hint + hint / 8);
+    // Bucket bounds as text, by position: every histogram of a scrape has the same ones.
+    let mut bounds: Vec<(u64, String)> = Vec::new();
+    let mut labels = String::new();
+    for mf in families {
+        if mf.get_metric().is_empty() || mf.name().is_empty() {
+            continue;
+        }
+        let name = mf.name();
+        if !mf.help().is_empty() {
+            out.push_str("# HELP ");
+            out.push_str(name);
+            out.push(' ');
+            push_escaped(&mut out, mf.help(), false);
+            out.push('\n');
+        }
+        let kind = mf.get_field_type();
+        out.push_str("# TYPE ");
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(&format!("{kind:?}").to_lowercase());
+        out.push('\n');
+        for m in mf.get_metric() {
+            // `{a="x",b="y"` (no closing brace), shared by the metric's lines.
+            labels.clear();
+            for (i, lp) in m.get_label().iter().enumerate() {
+                labels.push(if i == 0 { '{' } else { ',' });
+                labels.push_str(lp.name());
+                labels.push_str("=\"");
+                push_escaped(&mut labels, lp.value(), true);
+                labels.push('"');
+            }
+            let ts = m.timestamp_ms();
+            let line = |out: &mut String, postfix: &str, extra: Option<(&str, &str)>, v: f64| {
+                out.push_str(name);
+                out.push_str(postfix);
+                if !labels.is_empty() || extra.is_some() {
+                    out.push_str(&labels);
+                    if let Some((k, val)) = extra {
+                        out.push(if labels.is_empty() { '{' } else { ',' });
+                        out.push_str(k);
+                        out.push_str("=\"");
+                        push_escaped(out, val, true);
+                        out.push('"');
+                    }
+                    out.push('}');
+                }
+                out.push(' ');
+                push_value(out, v);
+                if ts != 0 {
+                    out.push(' ');
+                    out.push_str(&ts.to_string());
+                }
+                out.push('\n');
+            };
+            match kind {
+                MetricType::COUNTER => line(&mut out, "", None, m.get_counter().get_value()),
+                MetricType::GAUGE => line(&mut out, "", None, m.get_gauge().get_value()),
+                MetricType::HISTOGRAM => {
+                    let h = m.get_histogram();
+                    let mut inf_seen = false;
+                    for (i, b) in h.get_bucket().iter().enumerate() {
+                        let upper = b.upper_bound();
+                        if bounds.len() <= i {
+                            bounds.push((upper.to_bits(), upper.to_string()));
+                        } else if bounds[i].0 != upper.to_bits() {
+                            bounds[i] = (upper.to_bits(), upper.to_string());
+                        }
+                        let le = bounds[i].1.as_str();
+                        line(
+                            &mut out,
+                            "_bucket",
+                            Some(("le", le)),
+                            b.cumulative_count() as f64,
+                        );
+                        inf_seen |= upper.is_sign_positive() && upper.is_infinite();
+                    }
+                    if !inf_seen {
+                        line(
+                            &mut out,
+                            "_bucket",
+                            Some(("le", "+Inf")),
+                            h.get_sample_count() as f64,
+                        );
+                    }
+                    line(&mut out, "_sum", None, h.get_sample_sum());
+                    line(&mut out, "_count", None, h.get_sample_count() as f64);
+                }
+                MetricType::SUMMARY => {
+                    let s = m.get_summary();
+                    for q in s.get_quantile() {
+                        line(
+                            &mut out,
+                            "",
+                            Some(("quantile", &q.quantile().to_string())),
+                            q.value(),
+                        );
+                    }
+                    line(&mut out, "_sum", None, s.sample_sum());
+                    line(&mut out, "_count", None, s.sample_count() as f64);
+                }
+                MetricType::UNTYPED => {}
+            }
+        }
+    }
+    LAST_EXPOSITION_LEN.store(out.len(), Relaxed);
+    out
+}
+
+/// Appends `v` escaped as the text format wants: `\\` and newline always, `"` in label
+/// values.
+fn push_escaped(out: &mut String, v: &str, quote: bool) {
+    if !v
+        .bytes()
+        .any(|b| b == b'\\' || b == b'\n' || (quote && b == b'"'))
+    {
+        out.push_str(v);
+        return;
+    }
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends `v` as `f64`'s `Display` writes it; integral values (counts, most of a scrape)
+/// through the integer formatter.
+fn push_value(out: &mut String, v: f64) {
+    use std::fmt::Write;
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53: every integer below is exact
+    if v.fract() == 0.0 && v.abs() < EXACT && !(v == 0.0 && v.is_sign_negative()) {
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        let _ = write!(out, "{v}");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the prometheus crate's encoder writes for `families`.
+    fn crate_encode(families: &[MetricFamily]) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(families, &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn encode_writes_what_the_prometheus_crate_writes() {
+        let odd = "a\\b\"c\nd é";
+        let mut counter = Family::new(&catalogue::CONTEXT_SWITCHES);
+        for v in [0.0, -0.0, 3.0, 1e15, 9.1e15, 1e300, 0.5, -2.25, 1.0 / 3.0] {
+            counter.value(&[("comm", odd), ("kind", "voluntary")], v);
+        }
+        counter.value(&[], 7.0);
+        let mut gauge = Family::new(&catalogue::OFFCPU_SECONDS);
+        for v in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 1e-7] {
+            gauge.value(&[("reason", "x")], v);
+        }
+        let mut hist = Family::new(&catalogue::RUNQUEUE_LATENCY);
+        let mut h = Hist::ZERO;
+        for ns in [0, 1, 1500, 50_000_000, u64::MAX / 2] {
+            h.observe(ns);
+        }
+        hist.histogram(&[("comm", odd)], &h);
+        hist.histogram(&[], &Hist::ZERO);
+        let mut families: Vec<MetricFamily> = [counter, gauge, hist]
+            .into_iter()
+            .filter_map(Family::finish)
+            .collect();
+        // A help text with the characters HELP escapes, and a metric with a timestamp.
+        families[0].set_help("line one\nback\\slash \"quoted\"".into());
+        families[1].mut_metric()[0].set_timestamp_ms(1_700_000_000_000);
+        assert_eq!(encode(&families), crate_encode(&families));
+    }
 
     #[test]
     fn sched_exposition_golden() {
