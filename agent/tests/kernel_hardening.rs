@@ -164,7 +164,10 @@ fn a_probed_go_binary_replaced_then_deleted_while_its_processes_run() {
         let mut line = String::new();
         while !line.starts_with("gc ") {
             line.clear();
-            out.read_line(&mut line).unwrap();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "pid {pid} closed its stdout before answering"
+            );
         }
         let after = agent.scrape().sum(
             "stallwatch_runtime_pause_seconds_count",

@@ -12,7 +12,8 @@
 //!    probe scoped to another process (the floor an unselected process pays).
 //! 4. Syscall slowdown: alternating off/on `perf bench syscall basic`; ns added per syscall.
 //! 5. TCP probe cost: BPF stats under a loopback connection storm (swload), beside the
-//!    libbpf-tools peers that can attach here (tcplife; tcpconnlat needs kprobes or fentry).
+//!    libbpf-tools peers that can attach here (tcplife; tcpconnlat needs kprobes or fentry,
+//!    and where it cannot attach, its measurement runs in bpftrace on the tracepoint).
 //! 6. gc probe: time added per Go GC (alternating off/on runs forcing GCs), BPF stats of its
 //!    programs, and the agent's own CPU time per exec it inspects (non-runtime and Go).
 //! 7. The agent itself: RSS idle and under `perf bench sched messaging` (hackbench), its CPU
@@ -612,7 +613,8 @@ fn try_peer(argv: &[&str]) -> anyhow::Result<Result<(Peer, Vec<u64>), String>> {
 const TCPCONNLAT_TRACEPOINT_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state \
     /args->protocol == 6/ { if (args->newstate == 2) { @start[args->skaddr] = nsecs; } \
     else if (args->oldstate == 2) { $t = @start[args->skaddr]; \
-    if ($t != 0) { @connect_us = hist((nsecs - $t) / 1000); } delete(@start[args->skaddr]); } }";
+    if ($t != 0 && args->newstate == 1) { @connect_us = hist((nsecs - $t) / 1000); } \
+    delete(@start[args->skaddr]); } }";
 
 /// Section 5: the TCP probe under a loopback connection storm.
 fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
@@ -644,6 +646,9 @@ fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
             &["bpftrace", "-e", TCPCONNLAT_TRACEPOINT_PROGRAM][..],
         ),
     ] {
+        if tool == "tcpconnlat (bpftrace)" && owners.iter().any(|(t, _)| *t == "tcpconnlat") {
+            continue;
+        }
         match try_peer(peer)? {
             Ok((p, ids)) => {
                 owners.push((tool, ids));
@@ -955,7 +960,11 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         }
         ms.sort_by(f64::total_cmp);
         let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
-        if (5_000..15_000).contains(&series) {
+        // The run closest to 10k series is the one the target is judged on.
+        let near = |s: usize| s.abs_diff(10_000);
+        if (5_000..15_000).contains(&series)
+            && p99_at_10k.is_none_or(|(s, _)| near(series) < near(s))
+        {
             p99_at_10k = Some((series, ms[197]));
         }
         report.push_str(&format!(
@@ -971,11 +980,15 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         }
         drop(agent);
     }
-    let (series, p99) = p99_at_10k.context("no run with about 10k series")?;
-    report.push_str(&format!(
-        "\nTarget: p99 ≤ 10 ms at 10k series ({series} series: {p99:.2} ms, {}).\n",
-        verdict(p99 <= 10.0)
-    ));
+    report.push_str(&match p99_at_10k {
+        Some((series, p99)) => format!(
+            "\nTarget: p99 ≤ 10 ms at 10k series ({series} series: {p99:.2} ms, {}).\n",
+            verdict(p99 <= 10.0)
+        ),
+        None => "\nTarget: p99 ≤ 10 ms at 10k series: not judged, no run had 5k–15k series on \
+                 this host.\n"
+            .to_string(),
+    });
     // RSS and CPU idle, and under hackbench.
     let agent = Agent::start_with(bin, &[])?;
     let pid = agent.0.id();
@@ -1003,7 +1016,8 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
     report.push_str(&format!(
         "\nDefault probes (sched, tcp, gc): RSS {:.1} MiB idle, {:.1} MiB after `{}` ({busy_s:.1} s; \
          peak {:.1} MiB). Agent CPU (all threads, /proc/<pid>/task/*/schedstat): {idle_cpu:.2} % \
-         of one CPU idle, {busy_cpu:.2} % during hackbench. Target: RSS ≤ 30 MB steady ({}).\n",
+         of one CPU idle, {busy_cpu:.2} % during hackbench. Target: RSS ≤ 30 MB (28.6 MiB) steady \
+         ({}).\n",
         rss_idle as f64 / 1024.0,
         rss_busy as f64 / 1024.0,
         hack.join(" "),

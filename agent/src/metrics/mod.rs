@@ -305,7 +305,9 @@ pub fn gc_families(
 static LAST_EXPOSITION_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Prometheus text exposition of `families`, byte for byte what `prometheus::TextEncoder`
-/// writes (a test holds the two equal), but with each metric's labels escaped once for all
+/// writes for every family this agent builds (named, typed counter, gauge or histogram, with
+/// at least one metric; a test holds the two equal; the crate refuses an empty family and
+/// panics on an untyped one, which are skipped here), but with each metric's labels escaped once for all
 /// its lines, each bucket bound formatted once per scrape, integral values written as
 /// integers and no allocation per sample: a 10k-series scrape spent most of its time in the
 /// crate's per-line formatting.
@@ -317,7 +319,8 @@ pub fn encode(families: &[MetricFamily]) -> String {
     let mut bounds: Vec<(u64, String)> = Vec::new();
     let mut labels = String::new();
     for mf in families {
-        if mf.get_metric().is_empty() || mf.name().is_empty() {
+        let kind = mf.get_field_type();
+        if mf.get_metric().is_empty() || mf.name().is_empty() || kind == MetricType::UNTYPED {
             continue;
         }
         let name = mf.name();
@@ -328,7 +331,6 @@ pub fn encode(families: &[MetricFamily]) -> String {
             push_escaped(&mut out, mf.help(), false);
             out.push('\n');
         }
-        let kind = mf.get_field_type();
         out.push_str("# TYPE ");
         out.push_str(name);
         out.push(' ');
