@@ -260,13 +260,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         // First alone: without the peers' programs on the same hook (offcputime walks two
         // stacks per switch) evicting what ours touches.
         let alone = {
-            let before = prog_stats()?;
-            let ctxt0 = context_switches()?;
-            sched_pipe(args.loops)?;
-            let ctxt = context_switches()? - ctxt0;
-            let after = prog_stats()?;
-            let ns: u64 = deltas(&owners, &before, &after).iter().map(|r| r.2).sum();
-            ns as f64 / ctxt.max(1) as f64
+            let (rows, ctxt, _) = measured_pipe(&owners, args.loops)?;
+            rows.iter().map(|r| r.2).sum::<u64>() as f64 / ctxt.max(1) as f64
         };
         // The peers, then the floor (what any program on this hook pays per run here) and the
         // floor with one clock read. Each keeps running until the measurement is done.
@@ -281,35 +276,20 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             peers.push(Peer::start(argv)?);
             owners.push((tool, wait_ids(&base)?));
         }
-        let before = prog_stats()?;
-        let ctxt0 = context_switches()?;
-        let usecs = sched_pipe(args.loops)?;
-        let ctxt = context_switches()? - ctxt0;
-        let after = prog_stats()?;
-        let mut rows = Vec::new();
-        for (tool, ids) in &owners {
-            for id in ids {
-                let (Some((name, t1, c1)), Some((_, t0, c0))) = (after.get(id), before.get(id))
-                else {
-                    continue;
-                };
-                rows.push((tool.to_string(), name.clone(), t1 - t0, c1 - c0));
-            }
-        }
+        let (rows, ctxt, usecs) = measured_pipe(&owners, args.loops)?;
         (rows, ctxt, usecs, alone)
     };
-    let tool_ns = |tool: &str| -> u64 { rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum() };
     let ours_runs: u64 = rows
         .iter()
         .filter(|r| r.0 == "stallwatch")
         .map(|r| r.3)
         .sum();
     let (ours, runqlat, offcpu, empty, clock) = (
-        tool_ns("stallwatch"),
-        tool_ns("runqlat"),
-        tool_ns("offcputime"),
-        tool_ns("empty"),
-        tool_ns("clock"),
+        tool_ns(&rows, "stallwatch"),
+        tool_ns(&rows, "runqlat"),
+        tool_ns(&rows, "offcputime"),
+        tool_ns(&rows, "empty"),
+        tool_ns(&rows, "clock"),
     );
     report.push_str(&format!(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (root) on {} with {} CPUs, kernel {}, \
@@ -362,10 +342,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
          | one `bpf_ktime_get_ns` (clock − empty) | {:.1} |\n\n\
          stallwatch / runqlat = **{:.2}×**. Targets: stallwatch ≤ 150 ns per context switch \
          beside the peers ({}) and ≤ 0.5× runqlat ({}). Programs are attributed to tools by \
-         load order (ids new after each tool started). Kernel BPF stats add their own clock reads to every run; the empty \
-         program shows what entering a program and those reads cost here. stallwatch runs \
-         {:.2} programs per context switch (`sw_switch` on every one; it hooks no \
-         wakeup), so {:.1} ns of its time per switch is that floor.\n\n",
+         load order (ids new after each tool started). Kernel BPF stats add their own clock \
+         reads to every run; the empty program shows what entering a program and those reads \
+         cost here. stallwatch runs {:.2} programs per context switch (`sw_switch` on every \
+         one; it hooks no wakeup), so {:.1} ns of its time per switch is that floor.\n\n",
         per_switch(ours),
         per_switch(runqlat),
         per_switch(offcpu),
@@ -386,11 +366,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         on.push(sched_pipe(args.loops)?);
     }
-    let spread = |v: &[f64]| {
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (min, max)
-    };
     let (off_min, off_max) = spread(&off);
     let (on_min, on_max) = spread(&on);
     let (off_med, on_med) = (median(&mut off.clone()), median(&mut on.clone()));
@@ -423,12 +398,27 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `sched_pipe` run: the BPF run time and runs of each program of `owners` over it (see
+/// [`deltas`]), the context switches it made system-wide, and its usecs/op.
+fn measured_pipe(owners: &[(&str, Vec<u64>)], loops: u64) -> anyhow::Result<(Vec<Row>, u64, f64)> {
+    let before = prog_stats()?;
+    let ctxt0 = context_switches()?;
+    let usecs = sched_pipe(loops)?;
+    let ctxt = context_switches()? - ctxt0;
+    let after = prog_stats()?;
+    Ok((deltas(owners, &before, &after), ctxt, usecs))
+}
+
+/// (tool, program, BPF run time ns, runs) of one program over a measurement.
+type Row = (String, String, u64, u64);
+
+/// Total BPF run time (ns) of `tool`'s programs in `rows`.
+fn tool_ns(rows: &[Row], tool: &str) -> u64 {
+    rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum()
+}
+
 /// BPF run time and runs of each program of `owners`, between two stats reads.
-fn deltas(
-    owners: &[(&str, Vec<u64>)],
-    before: &ProgStats,
-    after: &ProgStats,
-) -> Vec<(String, String, u64, u64)> {
+fn deltas(owners: &[(&str, Vec<u64>)], before: &ProgStats, after: &ProgStats) -> Vec<Row> {
     let mut rows = Vec::new();
     for (tool, ids) in owners {
         for id in ids {
@@ -509,12 +499,9 @@ fn syscall_sections(
             *dt as f64 / *dc as f64
         ));
     }
-    let total = |rows: &[(String, String, u64, u64)], tool: &str| -> u64 {
-        rows.iter().filter(|r| r.0 == tool).map(|r| r.2).sum()
-    };
-    let ours = total(&rows, "stallwatch") as f64 / syscalls.max(1) as f64;
-    let peer = total(&rows, "syscount -L") as f64 / syscalls.max(1) as f64;
-    let floor = total(&floor_rows, "stallwatch scoped") as f64 / floor_syscalls.max(1) as f64;
+    let ours = tool_ns(&rows, "stallwatch") as f64 / syscalls.max(1) as f64;
+    let peer = tool_ns(&rows, "syscount -L") as f64 / syscalls.max(1) as f64;
+    let floor = tool_ns(&floor_rows, "stallwatch scoped") as f64 / floor_syscalls.max(1) as f64;
     report.push_str(&format!(
         "\nPer syscall (enter + exit programs / syscalls):\n\n\
          | tool | BPF ns per syscall |\n|---|---:|\n\
@@ -539,6 +526,7 @@ fn syscall_sections(
         on.push(perf_bench(&basic)? * 1000.0);
     }
     let (off_med, on_med) = (median(&mut off.clone()), median(&mut on.clone()));
+    let ((off_min, off_max), (on_min, on_max)) = (spread(&off), spread(&on));
     let fmt = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
@@ -549,8 +537,8 @@ fn syscall_sections(
         "\n## Added cost per syscall: `{basic_line}`\n\n{} alternating pairs (agent off, then \
          `stallwatch run --probes syscalls`), ns per getppid:\n\n\
          | | median | min | max |\n|---|---:|---:|---:|\n\
-         | agent off | {off_med:.1} | {:.1} | {:.1} |\n\
-         | agent on | {on_med:.1} | {:.1} | {:.1} |\n\n\
+         | agent off | {off_med:.1} | {off_min:.1} | {off_max:.1} |\n\
+         | agent on | {on_med:.1} | {on_min:.1} | {on_max:.1} |\n\n\
          Added per syscall (difference of the medians): **{:.1} ns** (bound ≤ 250 ns with \
          latency histograms on: {}). Timing a syscall takes two programs (entry, exit) and two \
          clock reads; at this machine's {:.1} ns per program run and {:.1} ns per \
@@ -558,10 +546,6 @@ fn syscall_sections(
          here) that is {:.1} ns before any work, and enabling the raw syscall tracepoints moves \
          every syscall onto the kernel's slower traced entry path.\n\nRaw off: {}\n\nRaw on: {}\n",
         args.pairs,
-        off.iter().copied().fold(f64::INFINITY, f64::min),
-        off.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        on.iter().copied().fold(f64::INFINITY, f64::min),
-        on.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         on_med - off_med,
         verdict(on_med - off_med <= 250.0),
         floors.0,
@@ -638,23 +622,27 @@ fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     let mut failed = Vec::new();
     // tcpconnlat hooks tcp_v4_connect and friends with fentry or kprobes; where neither
     // attaches (no kprobes on this project's VM), its measurement on the tracepoint stands in.
-    for (tool, peer) in [
-        ("tcplife", &["tcplife"][..]),
-        ("tcpconnlat", &["tcpconnlat"][..]),
-        (
-            "tcpconnlat (bpftrace)",
-            &["bpftrace", "-e", TCPCONNLAT_TRACEPOINT_PROGRAM][..],
-        ),
+    let stand_in: (&str, &[&str]) = (
+        "tcpconnlat (bpftrace)",
+        &["bpftrace", "-e", TCPCONNLAT_TRACEPOINT_PROGRAM],
+    );
+    for (peer, mut fallback) in [
+        (("tcplife", &["tcplife"][..]), None),
+        (("tcpconnlat", &["tcpconnlat"][..]), Some(stand_in)),
     ] {
-        if tool == "tcpconnlat (bpftrace)" && owners.iter().any(|(t, _)| *t == "tcpconnlat") {
-            continue;
-        }
-        match try_peer(peer)? {
-            Ok((p, ids)) => {
-                owners.push((tool, ids));
-                peers.push(p);
-            }
-            Err(why) => failed.push(format!("`{tool}` could not attach: {why}")),
+        let mut next = Some(peer);
+        while let Some((tool, argv)) = next {
+            next = match try_peer(argv)? {
+                Ok((p, ids)) => {
+                    owners.push((tool, ids));
+                    peers.push(p);
+                    None
+                }
+                Err(why) => {
+                    failed.push(format!("`{tool}` could not attach: {why}"));
+                    fallback.take()
+                }
+            };
         }
     }
     let mut server = Command::new(&swload)
@@ -714,7 +702,7 @@ fn tcp_section(bin: &std::path::Path, args: &Args) -> anyhow::Result<String> {
     }
     report.push_str("\nPer connection (both ends; total BPF time of the tool / connections):\n\n| tool | BPF ns per connection |\n|---|---:|\n");
     for (tool, _) in &owners {
-        let total: u64 = rows.iter().filter(|r| r.0 == *tool).map(|r| r.2).sum();
+        let total = tool_ns(&rows, tool);
         report.push_str(&format!(
             "| {tool} | {:.0} |\n",
             total as f64 / conns as f64
@@ -896,6 +884,13 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
         bail!("GET {path}: {head}");
     }
     Ok(body.to_string())
+}
+
+/// (min, max) of `v`.
+fn spread(v: &[f64]) -> (f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
 }
 
 /// How a number compares with its target, in the report's words.

@@ -96,13 +96,7 @@ fn extract_sections(src: &str, sections: &[&str], out: &Path) -> anyhow::Result<
         c.arg(format!("--only-section={s}"));
     }
     c.arg(src).arg(out);
-    let o = c.output().context("running objcopy (binutils)")?;
-    anyhow::ensure!(
-        o.status.success(),
-        "objcopy {src}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(())
+    cmd::run(&mut c)
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {

@@ -307,10 +307,10 @@ static LAST_EXPOSITION_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::
 /// Prometheus text exposition of `families`, byte for byte what `prometheus::TextEncoder`
 /// writes for every family this agent builds (named, typed counter, gauge or histogram, with
 /// at least one metric; a test holds the two equal; the crate refuses an empty family and
-/// panics on an untyped one, which are skipped here), but with each metric's labels escaped once for all
-/// its lines, each bucket bound formatted once per scrape, integral values written as
-/// integers and no allocation per sample: a 10k-series scrape spent most of its time in the
-/// crate's per-line formatting.
+/// panics on an untyped one, which are skipped here), but with each metric's labels escaped
+/// once for all its lines, each bucket bound formatted once per scrape, integral values
+/// written as integers and no allocation per sample: a 10k-series scrape spent most of its
+/// time in the crate's per-line formatting.
 pub fn encode(families: &[MetricFamily]) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let hint = LAST_EXPOSITION_LEN.load(Relaxed);
