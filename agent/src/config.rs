@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 /// Probes this build knows. `syscalls` is opt-in: its hooks run on every syscall on the node.
+/// In start order: sched first, so its sched_process_exit program attaches (and runs) before
+/// the shared lifecycle's.
 pub const KNOWN_PROBES: &[&str] = &["sched", "syscalls", "tcp", "gc"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +24,8 @@ pub struct Config {
     pub bpf_stats: bool,
     pub strict: bool,
     pub max_processes: u32,
+    /// Threads the sched probe tracks at once (`SW_THREADS`, and ended ones awaiting a fold).
+    pub max_threads: u32,
     /// Ring buffer for process lifecycle events, bytes (power of two, >= page size).
     pub event_buffer: u32,
     /// Attach the pre-5.18 sched_switch program even where the tracepoint passes prev_state,
@@ -83,6 +87,7 @@ impl Default for Config {
             bpf_stats: false,
             strict: false,
             max_processes: 16384,
+            max_threads: 65536,
             event_buffer: 256 * 1024,
             legacy_sched_switch: false,
             legacy_process_exit: false,
@@ -115,6 +120,7 @@ pub struct FileConfig {
     pub bpf_stats: Option<bool>,
     pub strict: Option<bool>,
     pub max_processes: Option<u32>,
+    pub max_threads: Option<u32>,
     pub event_buffer: Option<u32>,
     pub legacy_sched_switch: Option<bool>,
     pub legacy_process_exit: Option<bool>,
@@ -161,6 +167,9 @@ pub struct Flags {
     /// Per-process kernel map size [default: 16384].
     #[arg(long, env = "STALLWATCH_MAX_PROCESSES")]
     pub max_processes: Option<u32>,
+    /// Threads the sched probe tracks at once (its per-thread kernel maps) [default: 65536].
+    #[arg(long, env = "STALLWATCH_MAX_THREADS")]
+    pub max_threads: Option<u32>,
     /// Process-event ring buffer size in bytes [default: 262144].
     #[arg(long, env = "STALLWATCH_EVENT_BUFFER")]
     pub event_buffer: Option<u32>,
@@ -245,6 +254,10 @@ impl Flags {
                 .max_processes
                 .or(file.max_processes)
                 .unwrap_or(d.max_processes),
+            max_threads: self
+                .max_threads
+                .or(file.max_threads)
+                .unwrap_or(d.max_threads),
             event_buffer: self
                 .event_buffer
                 .or(file.event_buffer)
@@ -321,6 +334,9 @@ impl Config {
         }
         if self.max_processes == 0 {
             bail!("--max-processes must be at least 1");
+        }
+        if self.max_threads == 0 {
+            bail!("--max-threads must be at least 1");
         }
         if self.syscall_max_entries == 0 {
             bail!("--syscall-max-entries must be at least 1");
@@ -402,6 +418,7 @@ mod tests {
         std::fs::write(
             &file,
             "per-pid = true\nexit-grace = \"30s\"\nmax-processes = 10\n\
+             max-threads = 99\n\
              probes = [\"sched\", \"syscalls\"]\nslow-syscall = \"250ms\"\n\
              syscall-cgroups = [\"/kubepods.slice\"]\n",
         )
@@ -415,6 +432,7 @@ mod tests {
         assert!(c.per_pid);
         assert_eq!(c.exit_grace, Duration::from_secs(30));
         assert_eq!(c.max_processes, 20);
+        assert_eq!(c.max_threads, 99);
         assert_eq!(c.event_buffer, 256 * 1024);
         assert_eq!(c.slow_syscall, Duration::from_millis(250));
         assert_eq!(c.syscall_cgroups, vec![PathBuf::from("/kubepods.slice")]);

@@ -106,6 +106,8 @@ mod tests {
             names::GLOBAL_TASK_RUN_DELAY_OFFSET,
             names::GLOBAL_TASK_LAST_ARRIVAL_OFFSET,
             names::GLOBAL_TASK_SUM_EXEC_OFFSET,
+            names::GLOBAL_TASK_START_OFFSET,
+            names::GLOBAL_TASK_FLAGS_OFFSET,
             names::GLOBAL_SK_PROTOCOL_OFF,
             names::GLOBAL_SK_ERR_OFF,
             names::GLOBAL_SK_ERR_SOFT_OFF,

@@ -51,6 +51,8 @@ pub struct SchedOffsets {
     pub run_delay: u32,
     pub last_arrival: u32,
     pub sum_exec: u32,
+    pub start_time: u32,
+    pub flags: u32,
 }
 
 impl SchedOffsets {
@@ -83,6 +85,8 @@ impl SchedOffsets {
             run_delay: sched_info + run_delay,
             last_arrival: sched_info + last_arrival,
             sum_exec: se + field("sched_entity", "sum_exec_runtime", None)?,
+            start_time: field("task_struct", "start_time", None)?,
+            flags: field("task_struct", "flags", None)?,
         })
     }
 }
@@ -152,6 +156,8 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
             true,
         )
         .override_global(names::GLOBAL_TASK_SUM_EXEC_OFFSET, &sched.sum_exec, true)
+        .override_global(names::GLOBAL_TASK_START_OFFSET, &sched.start_time, true)
+        .override_global(names::GLOBAL_TASK_FLAGS_OFFSET, &sched.flags, true)
         .override_global(names::GLOBAL_SC_FILTER, &scope.filter, true)
         .override_global(names::GLOBAL_SC_CG_LEVELS, &scope.levels, true)
         .override_global(names::GLOBAL_SC_BY_NR, &by_nr, true)
@@ -162,10 +168,11 @@ pub fn load(object: &[u8], config: &Config, kernel: &KernelInfo) -> anyhow::Resu
         .override_global(names::GLOBAL_SK_ERR_SOFT_OFF, &sk_err_soft, true)
         .override_global(names::GLOBAL_TCP_SRTT_OFF, &tcp_srtt, true)
         .override_global(names::GLOBAL_TCP_RTT_INTERVAL_NS, &rtt_ns, true)
-        // Task-local storage (SW_THREADS) has no userspace wrapper in aya; only the kernel
-        // programs use it.
+        // Task- and socket-local storage (SW_SC_THREADS, SW_SOCKS) have no userspace wrapper
+        // in aya; only the kernel programs use them.
         .allow_unsupported_maps()
-        .map_max_entries(names::MAP_PROC_SCHED, config.max_processes)
+        .map_max_entries(names::MAP_THREADS, config.max_threads)
+        .map_max_entries(names::MAP_DEAD_THREADS, config.max_threads)
         .map_max_entries(names::MAP_EVENTS, config.event_buffer)
         .map_max_entries(names::MAP_PROC_TCP, config.max_processes)
         .map_max_entries(names::MAP_PROC_GC, config.max_processes)

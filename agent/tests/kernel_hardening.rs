@@ -219,11 +219,14 @@ fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
     else {
         return;
     };
-    // Four process entries for a whole host, and one page for each ring: exit/exec events,
-    // and slow-syscall events, with every syscall of 1 µs or more made one.
+    // Four thread entries and four process entries for a whole host, and one page for each
+    // ring: exit/exec events, and slow-syscall events, with every syscall of 1 µs or more
+    // made one.
     let agent = Agent::start(&[
         "--probes",
         "sched,tcp,syscalls",
+        "--max-threads",
+        "4",
         "--max-processes",
         "4",
         "--event-buffer",
@@ -245,19 +248,24 @@ fn tiny_maps_and_a_tiny_ring_count_their_drops_and_the_agent_stays_healthy() {
     assert!(
         wait_until(Duration::from_secs(15), || {
             let m = agent.scrape();
-            dropped(&m, "sched", "process_map_full") > 0.0
+            dropped(&m, "sched", "thread_map_full") > 0.0
         }),
-        "a full process map is counted"
+        "a full thread map is counted"
     );
     let m = agent.scrape();
-    assert!(
-        m.has_labels("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
-        "the map's fill is exported"
-    );
-    assert!(
-        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]) <= 4.0,
-        "the map stays within its bound"
-    );
+    for map in ["SW_THREADS", "SW_DEAD_THREADS"] {
+        assert!(
+            m.has_labels("stallwatch_bpf_map_entries", &[("map", map)]),
+            "{map}'s fill is exported"
+        );
+        let n = m.sum("stallwatch_bpf_map_entries", &[("map", map)]);
+        assert!(n <= 4.0, "{map} stays within its bound: {n}");
+        assert_eq!(
+            m.sum("stallwatch_bpf_map_capacity", &[("map", map)]),
+            4.0,
+            "{map}'s capacity is the flag's"
+        );
+    }
     // The ring holds 4096 bytes (~85 events of 48): of the 800 events, most were dropped,
     // and every drop is counted.
     let ring = dropped(&m, "lifecycle", "event_ring_full");
@@ -290,6 +298,11 @@ fn malformed_flags_and_config_are_clear_errors() {
     assert!(!ok && err.contains("event-buffer"), "{err}");
     let (ok, err) = run(&["run", "--max-processes", "lots"]);
     assert!(!ok && err.contains("invalid value"), "{err}");
+    let (ok, err) = run(&["run", "--max-threads", "0"]);
+    assert!(
+        !ok && err.contains("--max-threads must be at least 1"),
+        "{err}"
+    );
     let dir = std::env::temp_dir().join(format!("sw-badconf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
@@ -401,7 +414,7 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
     let (tracked0, series0, entries0, rss0) = (
         m0.sum("stallwatch_tracked_processes", &[]),
         series(&m0),
-        m0.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
+        m0.sum("stallwatch_bpf_map_entries", &[("map", "SW_THREADS")]),
         rss(),
     );
 
@@ -419,7 +432,7 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
     let m = agent.scrape();
     assert!(
         entries0 > 0.0,
-        "SW_PROC_SCHED's fill is exported (and holds the host's processes)"
+        "SW_THREADS's fill is exported (and holds the host's threads)"
     );
     assert!(
         series(&m) > series0 + 1000,
@@ -430,16 +443,16 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
         let m = agent.scrape();
         m.sum("stallwatch_tracked_processes", &[]) <= tracked0 + 20.0
             && series(&m) <= series0 + 20
-            && m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]) <= entries0 + 20.0
+            && m.sum("stallwatch_bpf_map_entries", &[("map", "SW_THREADS")]) <= entries0 + 20.0
     });
     let m = agent.scrape();
     assert!(
         settled,
         "state not back to its start: tracked {} (was {tracked0}), series {} (was {series0}), \
-         SW_PROC_SCHED {} (was {entries0})",
+         SW_THREADS {} (was {entries0})",
         m.sum("stallwatch_tracked_processes", &[]),
         series(&m),
-        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_PROC_SCHED")]),
+        m.sum("stallwatch_bpf_map_entries", &[("map", "SW_THREADS")]),
     );
     assert_eq!(
         m.sum(

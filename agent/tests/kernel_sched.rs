@@ -133,6 +133,58 @@ fn context_switches_match_proc_status() {
     context_switches_match(&Agent::start(&["--per-pid"]));
 }
 
+/// Threads that come and go: each one's counts outlive it (folded from `SW_DEAD_THREADS` into
+/// its process), against getrusage, whose totals keep ended threads' switches too.
+#[test]
+fn ended_threads_switches_stay_with_their_process() {
+    let Some(_g) = kernel_or_skip("ended_threads_switches_stay_with_their_process") else {
+        return;
+    };
+    let agent = Agent::start(&["--per-pid"]);
+    // 20 waves of 10 threads, 5 sleeps of 1 ms each: over 1000 switches, nearly all by
+    // threads that ended.
+    let mut w = Workload::start(&["threads", "20", "10", "5", "1"]);
+    let line = w.next_line(Duration::from_secs(60));
+    let (vol, invol) = line
+        .strip_prefix("rusage ")
+        .and_then(|r| r.split_once(' '))
+        .map(|(v, i)| (v.parse::<f64>().unwrap(), i.parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("unexpected workload output {line:?}"));
+    w.expect_done(Duration::from_secs(10));
+    quiesce(w.pid);
+    assert!(vol > 1000.0, "too few switches to compare: {vol}");
+    let pid = w.pid_label();
+    let mut m = agent.scrape();
+    // The main thread's block on stdin, after getrusage, adds one; allow 2 %.
+    let ok = wait_until(Duration::from_secs(5), || {
+        m = agent.scrape();
+        (m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]) - vol).abs() <= vol * 0.02
+    });
+    let got_vol = m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]);
+    let got_invol = m.sum(CSWCH, &[("pid", &pid), ("kind", "involuntary")]);
+    assert!(
+        ok,
+        "voluntary switches: agent {got_vol}, getrusage {vol} (involuntary: {got_invol}, {invol})"
+    );
+    assert!(
+        got_invol <= invol + 0.02 * vol,
+        "involuntary switches: agent {got_invol}, getrusage {invol}"
+    );
+    // Every ended thread's entry was drained.
+    assert!(
+        map_entries(&m, "SW_DEAD_THREADS") <= 20.0,
+        "ended-thread map not drained: {}",
+        map_entries(&m, "SW_DEAD_THREADS")
+    );
+    assert_eq!(
+        m.sum("stallwatch_events_dropped_total", &[("probe", "sched")]),
+        0.0,
+        "{:?}",
+        m.nonzero("stallwatch_events_dropped_total")
+    );
+    w.finish();
+}
+
 /// The pre-5.18 sched_switch program (it reads prev->__state at a BTF offset instead of
 /// taking prev_state from the tracepoint) loads here too: hold it to the same ground truth.
 #[test]
@@ -205,10 +257,7 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
         .unwrap();
     let before = agent.scrape();
-    let (threads0, procs0) = (
-        map_entries(&before, "SW_THREADS"),
-        map_entries(&before, "SW_PROC_SCHED"),
-    );
+    let threads0 = map_entries(&before, "SW_THREADS");
     const N: usize = 5000;
     for _ in 0..N {
         let st = std::process::Command::new("/bin/true")
@@ -222,14 +271,17 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
     let done = wait_until(Duration::from_secs(20), || {
         after = agent.scrape();
         after.sum(&format!("{RUNQ}_count"), &labels) >= N as f64
-            && map_entries(&after, "SW_PROC_SCHED") <= procs0 + 20.0
+            && map_entries(&after, "SW_THREADS") <= threads0 + 20.0
+            && map_entries(&after, "SW_DEAD_THREADS") <= 20.0
     });
     let drops = after.sum("stallwatch_events_dropped_total", &[]);
     assert!(
         done,
-        "after {N} processes: runq count {} (want {N}), proc map {} (baseline {procs0}), drops {drops}",
+        "after {N} processes: runq count {} (want {N}), thread map {} (baseline {threads0}), \
+         ended-thread map {}, drops {drops}",
         after.sum(&format!("{RUNQ}_count"), &labels),
-        map_entries(&after, "SW_PROC_SCHED")
+        map_entries(&after, "SW_THREADS"),
+        map_entries(&after, "SW_DEAD_THREADS")
     );
     // Every process waited for a CPU at least once, before its first run.
     let runq_count = after.sum(&format!("{RUNQ}_count"), &labels);
@@ -242,11 +294,6 @@ fn churn_returns_maps_to_baseline_and_keeps_exited_contributions() {
         0.0,
         "events dropped during churn: {:?}",
         after.nonzero("stallwatch_events_dropped_total")
-    );
-    let threads1 = map_entries(&after, "SW_THREADS");
-    assert!(
-        threads1 <= threads0 + 20.0,
-        "per-thread map grew from {threads0} to {threads1} after {N} exits"
     );
     // The exited processes' series stays, and does not go backwards.
     std::thread::sleep(Duration::from_secs(1));

@@ -36,6 +36,7 @@ const DEFAULT_PLAN: &[(&str, &[&str])] = &[
         &[
             "runqueue_latency_matches_schedstat_run_delay",
             "context_switches_match_proc_status",
+            "ended_threads_switches_stay_with_their_process",
             "voluntary_sleeps_are_counted_in_the_50ms_bucket",
             "series_of_exited_processes_are_removed_after_exit_grace",
             "legacy_process_exit_program_removes_exited_series_as_fast",

@@ -7,6 +7,9 @@
 //!
 //!   swload sleep COUNT MS        COUNT nanosleeps of MS milliseconds on the main thread
 //!   swload spin THREADS MS CPU   THREADS threads busy-loop for MS ms, all pinned to CPU
+//!   swload threads WAVES PER COUNT MS  WAVES waves of PER threads that each make COUNT
+//!                                nanosleeps of MS ms and end; then prints
+//!                                `rusage NVCSW NIVCSW` (getrusage: ended threads included)
 //!   swload vfork MS              clone(CLONE_VFORK); the child sleeps MS ms and exits; the parent waits in D
 //!   swload futex COUNT MS        COUNT FUTEX_WAITs that time out after MS ms (ETIMEDOUT)
 //!   swload piperead MS           a blocking pipe read; another thread writes after MS ms
@@ -29,7 +32,8 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: swload sleep COUNT MS | spin THREADS MS CPU | vfork MS | futex COUNT MS | \
+        "usage: swload sleep COUNT MS | spin THREADS MS CPU | threads WAVES PER COUNT MS | \
+         vfork MS | futex COUNT MS | \
          piperead MS | getppid COUNT | openmissing COUNT | tcp-serve ADDR COUNT MS | \
          tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT | tcp-pingpong ADDR MS COUNT"
     );
@@ -158,6 +162,34 @@ fn main() {
             for h in handles {
                 h.join().unwrap();
             }
+        }
+        Some("threads") => {
+            let waves: u32 = arg(&args, 2);
+            let per: u32 = arg(&args, 3);
+            let count: u32 = arg(&args, 4);
+            let ms: u64 = arg(&args, 5);
+            for _ in 0..waves {
+                let wave: Vec<_> = (0..per)
+                    .map(|_| {
+                        std::thread::spawn(move || {
+                            for _ in 0..count {
+                                nanosleep(Duration::from_millis(ms));
+                            }
+                        })
+                    })
+                    .collect();
+                for t in wave {
+                    t.join().unwrap();
+                }
+            }
+            // SAFETY: getrusage fills the zeroed struct.
+            let ru = unsafe {
+                let mut ru: libc::rusage = std::mem::zeroed();
+                libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+                ru
+            };
+            println!("rusage {} {}", ru.ru_nvcsw, ru.ru_nivcsw);
+            done_and_wait(&[gettid()]);
         }
         Some("vfork") => {
             let ms: u64 = arg(&args, 2);

@@ -268,13 +268,13 @@ pub const MAP_ENTRIES: MetricDef = MetricDef {
     help: "Entries in a bounded kernel map.",
     labels: &["map"],
     per_process: false,
-    source: "SW_COUNTERS insert/delete counts, map iteration",
+    source: "map iteration, SW_COUNTERS insert/delete counts",
 };
 
 pub const MAP_CAPACITY: MetricDef = MetricDef {
     name: "stallwatch_bpf_map_capacity",
     kind: Kind::Gauge,
-    help: "max_entries of a bounded kernel map (--max-processes). SW_THREADS is task-local storage, bounded by the threads on the host.",
+    help: "max_entries of a bounded kernel map (--max-threads, --max-processes, --syscall-max-entries, --event-buffer). Task- and socket-local storage (SW_SC_THREADS, SW_SOCKS) has no bound of its own: the kernel frees it with the task or socket.",
     labels: &["map"],
     per_process: false,
     source: "agent configuration",

@@ -1,15 +1,21 @@
 //! The `sched` probe: owns the scheduler programs and maps; the shared per-process machinery
-//! (`process`) folds its snapshots.
+//! (`process`) folds its snapshots. The kernel keeps one entry per thread (so a context switch
+//! costs one lookup); [`ThreadSource`] sums them per process.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use aya::maps::PerCpuHashMap;
+use aya::maps::MapData;
 use prometheus::proto::MetricFamily;
-use stallwatch_common::{names, sched::SchedStats, Counter};
+use stallwatch_common::{
+    names,
+    sched::{DeadThreadKey, SchedStats, ThreadSched, THREAD_DEAD},
+    Counter,
+};
 
-use super::process::{housekeeping, ProcessState, Source, TgidMap};
+use super::process::{housekeeping, ProcessState, Source};
 use super::{attach_tp_btf, KernelCounters, StartCtx};
 use crate::loader::KernelInfo;
 use crate::metrics;
@@ -50,7 +56,6 @@ impl Plan {
     fn programs(&self) -> Vec<(&'static str, &'static str)> {
         let mut v = vec![
             (self.switch, "sched_switch"),
-            (names::PROG_WAKEUP_NEW, "sched_wakeup_new"),
             (names::PROG_FORK, "sched_process_fork"),
         ];
         if let Some(exit) = self.exit {
@@ -75,16 +80,191 @@ pub fn attach(
     Ok(attached)
 }
 
-/// `SW_PROC_SCHED`: one per-CPU entry per process.
-pub type SchedSource = TgidMap<SchedStats>;
+/// `SW_THREADS` (live threads by tid) and `SW_DEAD_THREADS` (ended threads' final values,
+/// drained at every read), summed per process.
+///
+/// A thread that ends while the maps are read is in both or in one, never in neither: live
+/// entries are read first, and an ended thread's entry is created before its live one is
+/// deleted. Where both are seen, the ended (later, larger) values count. So every process's
+/// sum only grows, until [`Source::remove`] starts it over.
+pub struct ThreadSource {
+    live: aya::maps::HashMap<MapData, u32, ThreadSched>,
+    dead: aya::maps::HashMap<MapData, DeadThreadKey, ThreadSched>,
+    /// What each process's ended threads accumulated, since it was last removed.
+    ended: HashMap<u32, SchedStats>,
+    /// Each process's live threads (tid, start) at the last full read.
+    threads: HashMap<u32, Vec<(u32, u64)>>,
+    /// Live entries marked dead (their values could not move to `SW_DEAD_THREADS`) at the
+    /// last read. The programs never touch them again, so at the next read they are complete
+    /// and are folded and deleted.
+    parked: HashSet<u32>,
+    /// Threads (tid, start) of removed processes: should their ended entries still arrive (a
+    /// thread that ended as it was being removed), their values were already taken.
+    forget: HashSet<(u32, u64)>,
+    live_entries: usize,
+    dead_entries: usize,
+    /// Entries that vanished mid-read since the last full read.
+    failed: u64,
+}
 
-/// Creates zeroed entries for every process alive now, before the programs attach, so the
-/// first context switches after attach need no allocation in the scheduler path (the
-/// on-demand per-CPU allocator has little cached then). Returns how many.
-fn prepopulate(source: &mut SchedSource, max_processes: u32) -> anyhow::Result<usize> {
-    let cpus = aya::util::nr_cpus()
-        .map_err(|(_, e)| e)
-        .context("counting possible CPUs")?;
+impl ThreadSource {
+    pub fn new(
+        live: aya::maps::HashMap<MapData, u32, ThreadSched>,
+        dead: aya::maps::HashMap<MapData, DeadThreadKey, ThreadSched>,
+    ) -> Self {
+        ThreadSource {
+            live,
+            dead,
+            ended: HashMap::new(),
+            threads: HashMap::new(),
+            parked: HashSet::new(),
+            forget: HashSet::new(),
+            live_entries: 0,
+            dead_entries: 0,
+            failed: 0,
+        }
+    }
+
+    /// Folds every ended thread into its process and deletes it; returns their tids.
+    fn drain(&mut self) -> HashSet<u32> {
+        let mut keys = Vec::new();
+        for key in self.dead.keys() {
+            match key {
+                Ok(k) => keys.push(k),
+                Err(_) => self.failed += 1,
+            }
+        }
+        self.dead_entries = keys.len();
+        let mut tids = HashSet::with_capacity(keys.len());
+        for key in keys {
+            let Ok(v) = self.dead.get(&key, 0) else {
+                self.failed += 1;
+                continue;
+            };
+            // Folded only once deleted, so a failure leaves it for the next drain, not
+            // counted twice.
+            if self.dead.remove(&key).is_err() {
+                self.failed += 1;
+                continue;
+            }
+            tids.insert(key.tid);
+            if self.forget.contains(&(key.tid, key.start_ns)) {
+                continue;
+            }
+            self.ended
+                .entry(v.state.tgid)
+                .or_insert(SchedStats::ZERO)
+                .add(&v.stats);
+        }
+        tids
+    }
+
+    /// The process's live threads' values, as of the last full read's thread list.
+    fn live_of(&self, tgid: u32) -> Vec<(u32, SchedStats)> {
+        let mut v = Vec::new();
+        for &(tid, start) in self.threads.get(&tgid).into_iter().flatten() {
+            if let Ok(t) = self.live.get(&tid, 0) {
+                if t.state.tgid == tgid && t.state.start_ns == start {
+                    v.push((tid, t.stats));
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Source for ThreadSource {
+    type Value = SchedStats;
+
+    fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
+        let mut live = Vec::new();
+        for item in self.live.iter() {
+            match item {
+                Ok(entry) => live.push(entry),
+                // An entry deleted between get_next_key and lookup: skip it.
+                Err(_) => self.failed += 1,
+            }
+        }
+        let ended_now = self.drain();
+        self.forget.clear();
+        self.live_entries = live.len();
+        let mut totals: HashMap<u32, SchedStats> = HashMap::new();
+        let mut threads: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
+        let mut parked = HashSet::new();
+        for (tid, v) in live {
+            if ended_now.contains(&tid) {
+                // It ended after we read it: its final values were just folded. (Or a new
+                // thread took its tid since: counted at the next read.)
+                continue;
+            }
+            let tgid = v.state.tgid;
+            if v.state.flags & THREAD_DEAD != 0 {
+                if self.parked.contains(&tid) {
+                    self.ended
+                        .entry(tgid)
+                        .or_insert(SchedStats::ZERO)
+                        .add(&v.stats);
+                    let _ = self.live.remove(&tid);
+                    continue;
+                }
+                parked.insert(tid);
+            }
+            totals.entry(tgid).or_insert(SchedStats::ZERO).add(&v.stats);
+            threads
+                .entry(tgid)
+                .or_default()
+                .push((tid, v.state.start_ns));
+        }
+        for (tgid, e) in &self.ended {
+            totals.entry(*tgid).or_insert(SchedStats::ZERO).add(e);
+        }
+        self.parked = parked;
+        self.threads = threads;
+        crate::aggregate::process::shrink(&mut self.ended);
+        *failed += std::mem::take(&mut self.failed);
+        totals.into_iter().collect()
+    }
+
+    fn read_one(&mut self, tgid: u32) -> Option<SchedStats> {
+        // Live first, as in read_all: a thread ending meanwhile is found in SW_DEAD_THREADS,
+        // and then its final values (in `ended`) count instead.
+        let live = self.live_of(tgid);
+        let ended_now = self.drain();
+        let mut total = self.ended.get(&tgid).copied();
+        for (tid, stats) in &live {
+            if !ended_now.contains(tid) {
+                total.get_or_insert(SchedStats::ZERO).add(stats);
+            }
+        }
+        total
+    }
+
+    fn remove(&mut self, tgid: u32) {
+        for (tid, start) in self.threads.remove(&tgid).unwrap_or_default() {
+            if self
+                .live
+                .get(&tid, 0)
+                .is_ok_and(|v| v.state.tgid == tgid && v.state.start_ns == start)
+            {
+                // ENOENT is fine: the thread ended meanwhile (and is forgotten below).
+                let _ = self.live.remove(&tid);
+            }
+            self.forget.insert((tid, start));
+        }
+        self.ended.remove(&tgid);
+    }
+
+    fn entries(&self) -> usize {
+        self.live_entries
+    }
+}
+
+pub type SchedSource = ThreadSource;
+
+/// Creates an entry for every thread alive now, before the programs attach, so their first
+/// context switches need no allocation in the scheduler path (the on-demand allocator has
+/// little cached then). The programs adopt them at first use. Returns how many.
+fn prepopulate(source: &mut SchedSource, max_threads: u32) -> anyhow::Result<usize> {
     // BPF_NOEXIST: never overwrite an entry the programs already fill.
     const BPF_NOEXIST: u64 = 1;
     let mut n = 0;
@@ -95,11 +275,25 @@ fn prepopulate(source: &mut SchedSource, max_processes: u32) -> anyhow::Result<u
         else {
             continue;
         };
-        let zero = aya::maps::PerCpuValues::try_from(vec![SchedStats::ZERO; cpus])?;
-        if source.procs.insert(tgid, zero, BPF_NOEXIST).is_ok() {
-            n += 1;
-        } else if n >= max_processes as usize {
-            break;
+        // A process that exits meanwhile has no task directory any more: skip it.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
+            continue;
+        };
+        for task in tasks {
+            let Some(tid) = task
+                .ok()
+                .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if n >= max_threads as usize {
+                return Ok(n);
+            }
+            let mut zero = ThreadSched::ZERO;
+            zero.state.tgid = tgid;
+            if source.live.insert(tid, zero, BPF_NOEXIST).is_ok() {
+                n += 1;
+            }
         }
     }
     Ok(n)
@@ -111,7 +305,7 @@ type State = ProcessState<SchedSource>;
 pub struct SchedProbe {
     state: Arc<Mutex<State>>,
     counters: Arc<KernelCounters>,
-    max_processes: u32,
+    max_threads: u32,
 }
 
 impl SchedProbe {
@@ -121,24 +315,34 @@ impl SchedProbe {
 }
 
 pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
-    let map = ctx
-        .ebpf
-        .take_map(names::MAP_PROC_SCHED)
-        .with_context(|| format!("map {} missing from the eBPF object", names::MAP_PROC_SCHED))?;
-    let mut source = SchedSource::new(PerCpuHashMap::try_from(map)?);
-    let existing = prepopulate(&mut source, ctx.config.max_processes)?;
-    log::debug!("pre-created {existing} per-process entries");
+    let mut take = |name: &str| {
+        ctx.ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))
+    };
+    let live = aya::maps::HashMap::try_from(take(names::MAP_THREADS)?)?;
+    let dead = aya::maps::HashMap::try_from(take(names::MAP_DEAD_THREADS)?)?;
+    let mut source = SchedSource::new(live, dead);
+    let existing = prepopulate(&mut source, ctx.config.max_threads)?;
+    log::debug!("pre-created {existing} per-thread entries");
     let state = Arc::new(Mutex::new(ProcessState::new(source, ctx.config)));
+    // Programs on one tracepoint run in attach order, and sw_exit must hand an exiting
+    // thread's values over before the lifecycle's program sends the exit event that makes
+    // us read them: ours attach first (sched is the first probe to start, KNOWN_PROBES).
+    debug_assert!(
+        ctx.lifecycle.programs.is_empty(),
+        "lifecycle attached before sched"
+    );
+    let mut programs = attach(ctx.ebpf, ctx.kernel, ctx.config.legacy_sched_switch)?;
     ctx.lifecycle
         .subscribe(ctx.ebpf, ctx.kernel, state.clone())?;
-    let mut programs = attach(ctx.ebpf, ctx.kernel, ctx.config.legacy_sched_switch)?;
     programs.extend(ctx.lifecycle.programs.iter().copied());
     state.lock().expect("sched state lock poisoned").prime();
     Ok(super::Started {
         probe: Box::new(SchedProbe {
             state: state.clone(),
             counters: ctx.counters,
-            max_processes: ctx.config.max_processes,
+            max_threads: ctx.config.max_threads,
         }),
         tasks: vec![Box::pin(housekeeping(state, NAME))],
         programs,
@@ -160,9 +364,9 @@ impl super::Probe for SchedProbe {
         let s = self.lock();
         let k = |c| self.counters.get(c);
         let mut v = vec![
-            ("thread_state_failed", k(Counter::ThreadStateFailed)),
-            ("process_map_full", k(Counter::ProcMapFull)),
-            ("process_alloc_failed", k(Counter::ProcAllocFailed)),
+            ("thread_map_full", k(Counter::ThreadMapFull)),
+            ("thread_alloc_failed", k(Counter::ThreadAllocFailed)),
+            ("thread_slot_busy", k(Counter::ThreadSlotBusy)),
             ("offcpu_unmeasured", k(Counter::OffCpuUnmeasured)),
         ];
         v.extend(s.drops.list());
@@ -174,16 +378,13 @@ impl super::Probe for SchedProbe {
         vec![
             super::MapFill {
                 map: names::MAP_THREADS,
-                entries: self
-                    .counters
-                    .get(Counter::ThreadInserted)
-                    .saturating_sub(self.counters.get(Counter::ThreadDeleted)),
-                capacity: None,
+                entries: s.source.entries() as u64,
+                capacity: Some(u64::from(self.max_threads)),
             },
             super::MapFill {
-                map: names::MAP_PROC_SCHED,
-                entries: s.source.entries() as u64,
-                capacity: Some(u64::from(self.max_processes)),
+                map: names::MAP_DEAD_THREADS,
+                entries: s.source.dead_entries as u64,
+                capacity: Some(u64::from(self.max_threads)),
             },
         ]
     }

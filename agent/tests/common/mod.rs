@@ -360,6 +360,13 @@ impl Workload {
         assert_eq!(got, line, "unexpected workload output");
     }
 
+    /// The workload's next line (waiting up to `timeout`).
+    pub fn next_line(&self, timeout: Duration) -> String {
+        self.lines
+            .recv_timeout(timeout)
+            .expect("workload printed nothing in time")
+    }
+
     /// Waits (up to `timeout`) until the workload reports done.
     pub fn expect_done(&mut self, timeout: Duration) {
         let line = self

@@ -20,66 +20,62 @@ pub use hist::{bucket_index, Hist, NUM_BUCKETS};
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// A thread's task-local state could not be created (allocation failed, or the kernel
-    /// refused a recursive task-storage access).
-    ThreadStateFailed = 0,
-    /// A process could not be tracked: the per-process map was full.
-    ProcMapFull = 1,
+    /// A thread's scheduler entry could not be allocated (the kernel's BPF allocator cache was
+    /// empty): its switches are not counted until one is.
+    ThreadAllocFailed = 0,
+    /// A thread could not be tracked: `SW_THREADS` was full (`--max-threads`).
+    ThreadMapFull = 1,
     /// A process exit/exec event was lost: the ring buffer was full.
     EventRingFull = 2,
-    /// Entries added to / removed from the per-thread map; the difference is its size.
-    ThreadInserted = 3,
-    ThreadDeleted = 4,
+    /// A switch of a thread whose tid is still held by an ended thread's entry that the agent
+    /// has not folded yet (`SW_DEAD_THREADS` was full when it ended): not counted.
+    ThreadSlotBusy = 3,
     /// `bpf_probe_read_kernel` of a kernel field failed (a task's `signal`, a socket's fields):
     /// a wrong BTF offset or a racing free. Reported by the lifecycle as `kernel_read_failed`.
-    TaskReadFailed = 5,
-    /// A per-process entry could not be allocated (the kernel's BPF allocator cache was empty).
-    ProcAllocFailed = 6,
+    TaskReadFailed = 4,
     /// A thread's syscall timing state could not be created.
-    SyscallThreadFailed = 7,
+    SyscallThreadFailed = 5,
     /// A (process, slot) latency or error entry could not be added: map full.
-    SyscallMapFull = 8,
+    SyscallMapFull = 6,
     /// A (process, slot) entry could not be allocated.
-    SyscallAllocFailed = 9,
+    SyscallAllocFailed = 7,
     /// A slow-syscall event was lost: its ring buffer was full.
-    SlowRingFull = 10,
+    SlowRingFull = 8,
     /// A socket's state could not be created in socket-local storage.
-    SockStateFailed = 11,
+    SockStateFailed = 9,
     /// A process could not be tracked by the TCP probe: its per-process map was full.
-    TcpProcMapFull = 12,
+    TcpProcMapFull = 10,
     /// A TCP per-process entry could not be allocated.
-    TcpProcAllocFailed = 13,
+    TcpProcAllocFailed = 11,
     /// A retransmit or reset on a socket without state (opened before the agent started, or
     /// whose state could not be created): not attributed to a process.
-    TcpUntracked = 14,
+    TcpUntracked = 12,
     /// Socket states created / deleted; the difference is the socket map's size.
-    SockInserted = 15,
-    SockDeleted = 16,
+    SockInserted = 13,
+    SockDeleted = 14,
     /// A runtime pause's begin could not be stored in the in-flight map.
-    GcInflightFailed = 17,
+    GcInflightFailed = 15,
     /// A pause in a process the agent has not registered (discovery still running, or its
     /// entry could not be added): not attributed.
-    GcUntracked = 18,
+    GcUntracked = 16,
     /// A pause end without its begin: the agent attached mid-pause, or the begin's state was
     /// evicted from the (LRU) in-flight map.
-    GcUnmatched = 19,
+    GcUnmatched = 17,
     /// An off-CPU interval whose end the kernel did not stamp (a task preempted after setting
     /// a sleeping state) and whose run time could not date it either, or a switch on a kernel
     /// that keeps no `sched_info` at all: not observed.
-    OffCpuUnmeasured = 20,
+    OffCpuUnmeasured = 18,
 }
 
-pub const NUM_COUNTERS: u32 = 21;
+pub const NUM_COUNTERS: u32 = 19;
 
 impl Counter {
     pub const ALL: [Counter; NUM_COUNTERS as usize] = [
-        Counter::ThreadStateFailed,
-        Counter::ProcMapFull,
+        Counter::ThreadAllocFailed,
+        Counter::ThreadMapFull,
         Counter::EventRingFull,
-        Counter::ThreadInserted,
-        Counter::ThreadDeleted,
+        Counter::ThreadSlotBusy,
         Counter::TaskReadFailed,
-        Counter::ProcAllocFailed,
         Counter::SyscallThreadFailed,
         Counter::SyscallMapFull,
         Counter::SyscallAllocFailed,
@@ -127,7 +123,8 @@ mod user {
     unsafe impl aya::Pod for super::gc::GcStats {}
     unsafe impl aya::Pod for super::gc::Inflight {}
     unsafe impl aya::Pod for super::sched::SchedStats {}
-    unsafe impl aya::Pod for super::sched::ThreadState {}
+    unsafe impl aya::Pod for super::sched::ThreadSched {}
+    unsafe impl aya::Pod for super::sched::DeadThreadKey {}
     unsafe impl aya::Pod for super::syscall::SyscallKey {}
     unsafe impl aya::Pod for super::syscall::SyscallErrKey {}
     unsafe impl aya::Pod for super::syscall::SlowSyscall {}

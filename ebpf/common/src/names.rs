@@ -2,10 +2,11 @@
 //!
 //! The kernel keeps 15 bytes of a name; every name here is shorter, which a test checks.
 
-/// Per-thread state (`HashMap<u64, ThreadState>`).
+/// Scheduler state and aggregates of each live thread (`HashMap<u32 tid, ThreadSched>`).
 pub const MAP_THREADS: &str = "SW_THREADS";
-/// Per-process scheduler aggregates (`PerCpuHashMap<u32, SchedStats>`).
-pub const MAP_PROC_SCHED: &str = "SW_PROC_SCHED";
+/// Ended threads' final `ThreadSched`, until the agent folds them into their process
+/// (`HashMap<DeadThreadKey, ThreadSched>`).
+pub const MAP_DEAD_THREADS: &str = "SW_DEAD_THREADS";
 /// Process exit/exec events (`RingBuf` of `ProcEvent`).
 pub const MAP_EVENTS: &str = "SW_EVENTS";
 /// The legacy exit program's memory of reported exits: (tgid, `signal_struct` address).
@@ -80,12 +81,15 @@ pub const GLOBAL_TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFF";
 pub const GLOBAL_TASK_LAST_ARRIVAL_OFFSET: &str = "TASK_LAST_ARRIVAL_OFF";
 /// Global: `task_struct.se.sum_exec_runtime`.
 pub const GLOBAL_TASK_SUM_EXEC_OFFSET: &str = "TASK_SUM_EXEC_OFF";
+/// Global: `task_struct.start_time`.
+pub const GLOBAL_TASK_START_OFFSET: &str = "TASK_START_OFF";
+/// Global: `task_struct.flags`.
+pub const GLOBAL_TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFF";
 
 /// tp_btf/sched_switch for kernels whose tracepoint passes `prev_state` (v5.18+).
 pub const PROG_SWITCH: &str = "sw_switch";
 /// tp_btf/sched_switch for older kernels: reads `prev->__state` itself.
 pub const PROG_SWITCH_V1: &str = "sw_switch_v1";
-pub const PROG_WAKEUP_NEW: &str = "sw_wakeup_new";
 /// tp_btf/sched_process_exit: marks exiting threads in the scheduler's per-thread state.
 pub const PROG_EXIT: &str = "sw_exit";
 /// Process lifecycle (shared by every per-process probe): tp_btf/sched_process_exit, sends
@@ -139,7 +143,7 @@ pub const PROG_FORK: &str = "sw_fork";
 
 pub const ALL_MAPS: &[&str] = &[
     MAP_THREADS,
-    MAP_PROC_SCHED,
+    MAP_DEAD_THREADS,
     MAP_EVENTS,
     MAP_EXITED,
     MAP_COUNTERS,
@@ -174,7 +178,6 @@ pub const GC_PROGRAMS: &[&str] = &[
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SWITCH,
     PROG_SWITCH_V1,
-    PROG_WAKEUP_NEW,
     PROG_EXIT,
     PROG_FORK,
     PROG_PROC_EXIT,

@@ -1,4 +1,4 @@
-//! Scheduler probe ABI: per-thread state and per-process aggregates.
+//! Scheduler probe ABI: per-thread state and aggregates, summed per process by the agent.
 
 use crate::hist::Hist;
 
@@ -58,10 +58,9 @@ pub const TASK_NOLOAD: u32 = 0x0400;
 /// v6.1+) included, is a voluntary switch as the kernel counts `nvcsw`.
 pub const TASK_RTLOCK_WAIT: u32 = 0x1000;
 
-/// Per-thread scheduling state, in task-local storage (removed when the task switches out for
-/// the last time with `TASK_DEAD`, or freed with the task).
+/// Per-thread scheduling state: the first part of a thread's [`ThreadSched`] entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadState {
     /// When the thread last left a CPU, on that run queue's clock; 0 before we first saw it
     /// leave.
@@ -73,24 +72,72 @@ pub struct ThreadState {
     /// 0 for a new thread: the next wait is what the kernel adds to it. Valid with
     /// `THREAD_HAS_BASE`.
     pub run_delay_base_ns: u64,
+    /// The task's `start_time`: with the tid, identifies the thread (tids are reused). 0 in
+    /// an entry the agent created for a thread that has not left a CPU since.
+    pub start_ns: u64,
     pub tgid: u32,
     /// [`OffCpuReason`] of the last switch-out.
     pub reason: u8,
-    /// `THREAD_EXITING` once the thread passed `sched_process_exit`.
+    /// `THREAD_*` bits.
     pub flags: u8,
     pub _pad: [u8; 2],
 }
 
+/// The thread passed `sched_process_exit`: its last run is charged, later switches are not.
 pub const THREAD_EXITING: u8 = 1;
-/// Set on first use; task storage hands out zeroed values, so a clear bit means "new".
-pub const THREAD_SEEN: u8 = 2;
 /// `run_delay_base_ns` is set: the thread's next run-queue wait can be measured.
 pub const THREAD_HAS_BASE: u8 = 4;
+/// The thread is gone and its values are final, but they could not be moved to the dead-thread
+/// map (full): the entry stays, untouched by the programs, until the agent folds it.
+pub const THREAD_DEAD: u8 = 8;
 
-const _: () = assert!(core::mem::size_of::<ThreadState>() == 32);
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 40);
 
-/// Per-process (tgid) scheduler aggregates, one copy per CPU. Counters only grow; the agent
-/// sums CPUs and never resets them.
+/// A thread's entry in `SW_THREADS` (keyed by tid) and, once it ended, in `SW_DEAD_THREADS`:
+/// its state and what it has accumulated. A context switch costs one lookup; the agent sums
+/// threads per process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadSched {
+    pub state: ThreadState,
+    pub stats: SchedStats,
+}
+
+const _: () = assert!(
+    core::mem::size_of::<ThreadSched>()
+        == core::mem::size_of::<ThreadState>() + core::mem::size_of::<SchedStats>()
+);
+
+impl ThreadSched {
+    pub const ZERO: ThreadSched = ThreadSched {
+        state: ThreadState {
+            offcpu_since_ns: 0,
+            sum_exec_ns: 0,
+            run_delay_base_ns: 0,
+            start_ns: 0,
+            tgid: 0,
+            reason: 0,
+            flags: 0,
+            _pad: [0; 2],
+        },
+        stats: SchedStats::ZERO,
+    };
+}
+
+/// Key of an ended thread in `SW_DEAD_THREADS`: unique while the agent has not drained it,
+/// even if the tid is reused meanwhile.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeadThreadKey {
+    pub start_ns: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DeadThreadKey>() == 16);
+
+/// Scheduler aggregates of a thread (and, summed by the agent, of a process). Counters only
+/// grow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedStats {

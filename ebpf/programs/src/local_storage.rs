@@ -12,9 +12,7 @@ use aya_ebpf::{
         bpf_map_type::{BPF_MAP_TYPE_SK_STORAGE, BPF_MAP_TYPE_TASK_STORAGE},
         task_struct, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE,
     },
-    helpers::generated::{
-        bpf_sk_storage_delete, bpf_sk_storage_get, bpf_task_storage_delete, bpf_task_storage_get,
-    },
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get, bpf_task_storage_get},
 };
 
 #[repr(C)]
@@ -85,11 +83,6 @@ impl<T> LocalStorage<T, TASK, NO_PREALLOC> {
     #[inline(always)]
     pub fn get_or_create(&self, task: *const u8) -> Option<*mut T> {
         self.task_get(task, CREATE)
-    }
-
-    #[inline(always)]
-    pub fn delete(&self, task: *const u8) -> bool {
-        unsafe { bpf_task_storage_delete(self.as_ptr(), task as *mut task_struct) == 0 }
     }
 }
 

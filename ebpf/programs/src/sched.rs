@@ -1,30 +1,33 @@
-//! Scheduler probe: run-queue latency, off-CPU time by reason, context switches, per process.
+//! Scheduler probe: run-queue latency, off-CPU time by reason, context switches, per thread,
+//! summed per process by the agent.
 //!
-//! One program per context switch, touching only `prev`: per-thread state in task-local
-//! storage (found through the task pointer tp_btf hands us), the kernel's own `sched_info`
-//! and run-queue clock read with direct loads, and one per-process lookup. Per-process
-//! aggregates live in a per-CPU hash written by sched_switch (IRQs off: plain increments) and
-//! by sched_process_exit (atomic increments: on PREEMPT_RT a tracepoint program can be
-//! preempted, by a switch that updates the same entry).
+//! One program per context switch, touching only `prev`, and one map lookup: the thread's
+//! `SW_THREADS` entry (keyed by tid) holds both its state and its aggregates. The rest is the
+//! kernel's own `sched_info` and run-queue clock, read with direct loads through the
+//! tracepoint's task pointer. Entries are created at fork, where interrupts are on, or at the
+//! first switch-out of a thread the agent did not pre-create; an ended thread's entry moves to
+//! `SW_DEAD_THREADS` at sched_process_exit (or its last switch), and the agent folds it into
+//! its process.
+//!
+//! Only a thread's own programs write its entry (sw_fork writes the child's before it first
+//! runs), so plain increments suffice: sched_switch runs with IRQs off, and a switch that
+//! preempts sw_exit (PREEMPT_RT) finds the thread marked exiting first and leaves it alone.
 
 use aya_ebpf::{
-    macros::{btf_map, btf_tracepoint, map},
-    maps::PerCpuHashMap,
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    macros::{btf_tracepoint, map},
+    maps::HashMap,
     programs::BtfTracePointContext,
 };
 use stallwatch_common::{
-    hist::Hist,
     sched::{
-        OffCpuReason, SchedStats, ThreadState, TASK_DEAD, THREAD_EXITING, THREAD_HAS_BASE,
-        THREAD_SEEN,
+        DeadThreadKey, OffCpuReason, ThreadSched, ThreadState, TASK_DEAD, THREAD_DEAD,
+        THREAD_EXITING, THREAD_HAS_BASE,
     },
     Counter,
 };
 
-use crate::local_storage::TaskStorage;
-use crate::shared::{
-    btf_load, count, get_or_insert, observe_atomic, task_pid, task_state, task_tgid,
-};
+use crate::shared::{btf_load, count, task_pid, task_state, task_tgid, E2BIG};
 
 /// Byte offsets from kernel BTF, set by the agent before load. Frozen in `.rodata`, so the
 /// verifier sees constants and allows direct loads through the tracepoint's task pointers.
@@ -47,53 +50,111 @@ static TASK_LAST_ARRIVAL_OFF: u32 = 0;
 /// accounts.
 #[no_mangle]
 static TASK_SUM_EXEC_OFF: u32 = 0;
+/// `task_struct.start_time`: with the tid, tells a thread from an earlier one with its tid.
+#[no_mangle]
+static TASK_START_OFF: u32 = 0;
+/// `task_struct.flags`.
+#[no_mangle]
+static TASK_FLAGS_OFF: u32 = 0;
 
-/// Per-thread state in task-local storage: found through the task, freed with it.
-#[btf_map]
-static SW_THREADS: TaskStorage<ThreadState> = TaskStorage::new();
+/// `PF_EXITING` in `task_struct.flags` (include/linux/sched.h; stable): set by do_exit before
+/// sched_process_exit.
+const PF_EXITING: u32 = 0x4;
 
-/// Sized by the agent (`--max-processes`). Not preallocated: a per-CPU value costs
-/// `size_of::<SchedStats>() * possible CPUs`, so only live processes should pay it.
+/// Live threads, by tid. Sized by the agent (`--max-threads`); allocated on demand, so only
+/// live threads cost their 984 bytes.
 #[map]
-static SW_PROC_SCHED: PerCpuHashMap<u32, SchedStats> =
-    PerCpuHashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static SW_THREADS: HashMap<u32, ThreadSched> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-/// The task's scheduler state, created if absent (a failure is counted), and whether it is
-/// new: task storage hands out zeroed values, so `THREAD_SEEN` clear means new.
+/// Ended threads' final values, until the agent drains them (every refresh). Sized like
+/// `SW_THREADS`.
+#[map]
+static SW_DEAD_THREADS: HashMap<DeadThreadKey, ThreadSched> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+/// Template for new entries: too large for the 512-byte BPF stack.
+static ZERO: ThreadSched = ThreadSched::ZERO;
+
+/// A new, zeroed entry for `tid` (replacing any), or `None`, counted.
 #[inline(always)]
-fn thread_state(task: *const u8) -> Option<(*mut ThreadState, bool)> {
-    let Some(t) = SW_THREADS.get_or_create(task) else {
-        count(Counter::ThreadStateFailed);
+fn create(tid: u32) -> Option<*mut ThreadSched> {
+    if let Err(err) = SW_THREADS.insert(&tid, &ZERO, u64::from(BPF_ANY)) {
+        count(if err == -E2BIG {
+            Counter::ThreadMapFull
+        } else {
+            Counter::ThreadAllocFailed
+        });
         return None;
-    };
-    let new = unsafe { (*t).flags } & THREAD_SEEN == 0;
-    if new {
-        count(Counter::ThreadInserted);
     }
-    Some((t, new))
+    SW_THREADS.get_ptr_mut(&tid)
 }
 
-/// Whether the thread's runs are charged to its process: it has been seen (its tgid is
-/// known), is not past sched_process_exit (the agent may already have retired its process;
-/// its last run was charged there), and is not the idle task.
+/// Ends a thread's entry: its values move to `SW_DEAD_THREADS` for the agent to fold, and the
+/// tid's slot is free. If they cannot move (that map is full), the entry stays, marked dead,
+/// for the agent to fold in place; then the slot is not free (`false`).
 #[inline(always)]
-fn chargeable(t: *const ThreadState) -> bool {
-    let (flags, tgid) = unsafe { ((*t).flags, (*t).tgid) };
-    flags & THREAD_SEEN != 0 && flags & THREAD_EXITING == 0 && tgid != 0
+fn retire(t: *mut ThreadSched, tid: u32) -> bool {
+    unsafe {
+        if (*t).state.flags & THREAD_DEAD != 0 {
+            return false;
+        }
+        let key = DeadThreadKey {
+            start_ns: (*t).state.start_ns,
+            tid,
+            _pad: 0,
+        };
+        if SW_DEAD_THREADS
+            .insert(&key, &*t, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            (*t).state.flags |= THREAD_DEAD;
+            return false;
+        }
+    }
+    let _ = SW_THREADS.remove(&tid);
+    true
 }
 
-/// Template for new per-process entries: too large for the 512-byte BPF stack.
-static ZERO_STATS: SchedStats = SchedStats::ZERO;
-
+/// The entry of thread `tid` (`task`, started at `start`), created if absent. An entry the
+/// agent created for a thread older than the programs is adopted at its first use; an entry
+/// left by an earlier thread with this tid (its end unseen) is retired first. At a switch
+/// (`SWITCH`), an exiting thread gets none: sw_exit handed its entry over already.
 #[inline(always)]
-fn proc_stats(tgid: u32) -> Option<*mut SchedStats> {
-    get_or_insert(
-        &SW_PROC_SCHED,
-        &tgid,
-        &ZERO_STATS,
-        Counter::ProcMapFull,
-        Counter::ProcAllocFailed,
-    )
+fn entry<const SWITCH: bool>(task: *const u8, tid: u32, start: u64) -> Option<*mut ThreadSched> {
+    if let Some(t) = SW_THREADS.get_ptr_mut(&tid) {
+        let have = unsafe { (*t).state.start_ns };
+        if have == start {
+            return Some(t);
+        }
+        if have == 0 && unsafe { (*t).state.flags } & THREAD_DEAD == 0 {
+            unsafe {
+                (*t).state.start_ns = start;
+                (*t).state.tgid = task_tgid(task);
+            }
+            return Some(t);
+        }
+        if !retire(t, tid) {
+            count(Counter::ThreadSlotBusy);
+            return None;
+        }
+    }
+    if SWITCH && btf_load::<u32>(task, &TASK_FLAGS_OFF) & PF_EXITING != 0 {
+        return None;
+    }
+    let t = create(tid)?;
+    unsafe {
+        (*t).state.start_ns = start;
+        (*t).state.tgid = task_tgid(task);
+    }
+    Some(t)
+}
+
+/// Whether the thread's runs are still charged: not past sched_process_exit (its last run
+/// was charged there, and the agent may already have retired its process).
+#[inline(always)]
+fn chargeable(t: *const ThreadSched) -> bool {
+    let flags = unsafe { (*t).state.flags };
+    flags & THREAD_EXITING == 0
 }
 
 #[btf_tracepoint(function = "sched_switch")]
@@ -120,30 +181,29 @@ pub fn sw_switch_v1(ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_switch(preempt: bool, prev: *const u8, prev_state: u32) {
+    let tid = task_pid(prev);
+    if tid == 0 {
+        // An idle task.
+        return;
+    }
+    let start: u64 = btf_load(prev, &TASK_START_OFF);
     if prev_state & TASK_DEAD != 0 {
-        // The task's last switch: charge its last run, then forget it (the kernel would free
-        // the state with the task anyway; deleting keeps the entry count exact).
-        if let Some(t) = SW_THREADS.get(prev) {
-            // Unless sw_exit (when attached) charged it already.
-            if chargeable(t) {
-                let _ = charge_run::<false>(t, prev, rq_clock(prev));
+        // The thread's last switch: where sw_exit did not run (not attached, or its entry
+        // could not move), charge its last run and hand its values to the agent.
+        if let Some(t) = SW_THREADS.get_ptr_mut(&tid) {
+            let have = unsafe { (*t).state.start_ns };
+            if have == start || have == 0 {
+                if chargeable(t) {
+                    charge_run(t, prev, rq_clock(prev));
+                }
+                let _ = retire(t, tid);
             }
         }
-        if SW_THREADS.delete(prev) {
-            count(Counter::ThreadDeleted);
-        }
         return;
     }
-    let Some((t, new)) = thread_state(prev) else {
+    let Some(t) = entry::<true>(prev, tid, start) else {
         return;
     };
-    if new {
-        // A thread's tgid never changes: read it once.
-        unsafe {
-            (*t).flags |= THREAD_SEEN;
-            (*t).tgid = task_tgid(prev);
-        }
-    }
     if !chargeable(t) {
         return;
     }
@@ -152,19 +212,16 @@ fn on_switch(preempt: bool, prev: *const u8, prev_state: u32) {
     // kernel stamps `sched_info` with the same value. Two loads, where bpf_ktime_get_ns
     // would cost an indirect call into the clocksource.
     let now = rq_clock(prev);
-    if let Some(stats) = charge_run::<false>(t, prev, now) {
-        unsafe {
-            if matches!(reason, OffCpuReason::Involuntary) {
-                (*stats).cswch_involuntary += 1;
-            } else {
-                (*stats).cswch_voluntary += 1;
-            }
-        }
-    }
+    charge_run(t, prev, now);
     unsafe {
-        (*t).offcpu_since_ns = now;
-        (*t).sum_exec_ns = btf_load(prev, &TASK_SUM_EXEC_OFF);
-        (*t).reason = reason as u8;
+        if matches!(reason, OffCpuReason::Involuntary) {
+            (*t).stats.cswch_involuntary += 1;
+        } else {
+            (*t).stats.cswch_voluntary += 1;
+        }
+        (*t).state.offcpu_since_ns = now;
+        (*t).state.sum_exec_ns = btf_load(prev, &TASK_SUM_EXEC_OFF);
+        (*t).state.reason = reason as u8;
     }
 }
 
@@ -176,28 +233,22 @@ fn rq_clock(task: *const u8) -> u64 {
     btf_load(rq, &RQ_CLOCK_OFF)
 }
 
-/// Charges the thread's process with what came before the run now ending (the thread is
-/// `task`, a BTF pointer, on the CPU or just leaving it; `now` is its run queue's clock): its
-/// wait for a CPU and the off-CPU interval before that, both from the kernel's own
-/// `sched_info`, stamped when the run began. So a context switch costs one per-process
-/// lookup, and nothing happens at switch-in. `ATOMIC` where the caller can be preempted
-/// (sched_process_exit) by a switch that updates the same per-CPU entry.
+/// Charges the thread with what came before the run now ending (the thread is `task`, a BTF
+/// pointer, on the CPU or just leaving it; `now` is its run queue's clock): its wait for a
+/// CPU and the off-CPU interval before that, both from the kernel's own `sched_info`,
+/// stamped when the run began. So nothing happens at switch-in.
 #[inline(always)]
-fn charge_run<const ATOMIC: bool>(
-    t: *mut ThreadState,
-    task: *const u8,
-    now: u64,
-) -> Option<*mut SchedStats> {
-    let s = unsafe { *t };
+fn charge_run(t: *mut ThreadSched, task: *const u8, now: u64) {
+    let s = unsafe { (*t).state };
     // The wait the kernel added at this run's arrival (plus any part a migration while
     // queued added earlier): everything since our last look.
     let run_delay: u64 = btf_load(task, &TASK_RUN_DELAY_OFF);
     let arrival: u64 = btf_load(task, &TASK_LAST_ARRIVAL_OFF);
     unsafe {
-        (*t).run_delay_base_ns = run_delay;
-        (*t).flags = s.flags | THREAD_HAS_BASE;
+        (*t).state.run_delay_base_ns = run_delay;
+        (*t).state.flags = s.flags | THREAD_HAS_BASE;
     }
-    let stats = proc_stats(s.tgid)?;
+    let stats = unsafe { &mut (*t).stats };
     if arrival == 0 {
         // A task that has run but was never stamped: this kernel does not maintain
         // sched_info (5.11-5.13 booted with nodelayacct and without CONFIG_SCHEDSTATS), so
@@ -205,39 +256,26 @@ fn charge_run<const ATOMIC: bool>(
         if s.flags & THREAD_HAS_BASE != 0 || s.offcpu_since_ns != 0 {
             count(Counter::OffCpuUnmeasured);
         }
-        return Some(stats);
+        return;
     }
-    unsafe {
-        if s.flags & THREAD_HAS_BASE != 0 {
-            observe::<ATOMIC>(
-                &mut (*stats).runq,
-                run_delay.saturating_sub(s.run_delay_base_ns),
-            );
-        }
-        if s.offcpu_since_ns != 0 {
-            match run_start(task, arrival, &s, now) {
-                Some(start) => {
-                    // Bounded index: the verifier sees the explicit match.
-                    let hist = match s.reason {
-                        0 => &mut (*stats).offcpu[0],
-                        1 => &mut (*stats).offcpu[1],
-                        _ => &mut (*stats).offcpu[2],
-                    };
-                    observe::<ATOMIC>(hist, start - s.offcpu_since_ns);
-                }
-                None => count(Counter::OffCpuUnmeasured),
+    if s.flags & THREAD_HAS_BASE != 0 {
+        stats
+            .runq
+            .observe(run_delay.saturating_sub(s.run_delay_base_ns));
+    }
+    if s.offcpu_since_ns != 0 {
+        match run_start(task, arrival, &s, now) {
+            Some(start) => {
+                // Bounded index: the verifier sees the explicit match.
+                let hist = match s.reason {
+                    0 => &mut stats.offcpu[0],
+                    1 => &mut stats.offcpu[1],
+                    _ => &mut stats.offcpu[2],
+                };
+                hist.observe(start - s.offcpu_since_ns);
             }
+            None => count(Counter::OffCpuUnmeasured),
         }
-    }
-    Some(stats)
-}
-
-#[inline(always)]
-fn observe<const ATOMIC: bool>(h: &mut Hist, ns: u64) {
-    if ATOMIC {
-        observe_atomic(h, ns);
-    } else {
-        h.observe(ns);
     }
 }
 
@@ -260,41 +298,20 @@ fn run_start(task: *const u8, arrival: u64, s: &ThreadState, now: u64) -> Option
     (start >= s.offcpu_since_ns).then_some(start)
 }
 
-#[btf_tracepoint(function = "sched_wakeup_new")]
-pub fn sw_wakeup_new(ctx: BtfTracePointContext) -> u32 {
-    // A new task's first wait for a CPU: its run_delay starts at 0 (sched_fork clears
-    // sched_info), so the base is 0. Current is the parent, so read the child's tgid.
-    let task: *const u8 = ctx.arg(0);
-    let tgid = task_tgid(task);
-    let Some((t, _)) = thread_state(task) else {
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sw_fork(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *parent, struct task_struct *child), for every new thread,
+    // before it is first woken: its entry is made here, where interrupts are on, rather than
+    // at its first switch-out, where the allocator's cache is refilled only from irq_work.
+    // Its run_delay starts at 0 (sched_fork clears sched_info): the base of its first wait.
+    let child: *const u8 = ctx.arg(1);
+    let tid = task_pid(child);
+    let start: u64 = btf_load(child, &TASK_START_OFF);
+    let Some(t) = entry::<false>(child, tid, start) else {
         return 0;
     };
     unsafe {
-        *t = ThreadState {
-            offcpu_since_ns: 0,
-            sum_exec_ns: 0,
-            run_delay_base_ns: 0,
-            tgid,
-            reason: OffCpuReason::Involuntary as u8,
-            flags: THREAD_SEEN | THREAD_HAS_BASE,
-            _pad: [0; 2],
-        };
-    }
-    0
-}
-
-#[btf_tracepoint(function = "sched_process_fork")]
-pub fn sw_fork(ctx: BtfTracePointContext) -> u32 {
-    // TP_PROTO(struct task_struct *parent, struct task_struct *child). A new process gets
-    // its entry here, where interrupts are on, rather than in sched_switch: the per-CPU
-    // entries are allocated on demand and the allocator refills its cache from irq_work.
-    let child: *const u8 = ctx.arg(1);
-    // Direct loads: no helper results to check (with bpf_probe_read_kernel, LLVM merged two
-    // result checks into one that verifiers before ~6.8 could not follow, seen on 6.1).
-    let pid = task_pid(child);
-    let tgid = task_tgid(child);
-    if pid == tgid {
-        let _ = proc_stats(tgid);
+        (*t).state.flags |= THREAD_HAS_BASE;
     }
     0
 }
@@ -304,23 +321,27 @@ pub fn sw_exit(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p[, bool group_dead]); p is current. The process exit
     // event is the lifecycle program's job.
     let task: *const u8 = ctx.arg(0);
-    // Create the state if the thread never left a CPU since we attached: any later
-    // switch of an exiting thread must be ignored, or it could re-create the entry of a
-    // process the agent has already retired.
-    let Some((t, _)) = thread_state(task) else {
+    let tid = task_pid(task);
+    let start: u64 = btf_load(task, &TASK_START_OFF);
+    // Create the entry if the thread never left a CPU since we attached: its end must be
+    // seen, or its tid's next thread would find a stale entry.
+    let Some(t) = entry::<false>(task, tid, start) else {
         return 0;
     };
-    unsafe {
-        if chargeable(t) {
-            // The run ending in exit will not be charged at a switch-out (exiting threads'
-            // switches are ignored): charge it now, as the process's exit event goes out.
-            // Exiting first, so a switch preempting this program leaves the state alone.
-            // The run queue's clock is as of the last tick or switch here: close enough for
-            // the fallback in `run_start`, the only use of `now` in this charge.
-            (*t).flags |= THREAD_EXITING;
-            let _ = charge_run::<true>(t, task, rq_clock(task));
+    if chargeable(t) {
+        // The run ending in exit is its last charged one: charge it now, as the process's
+        // exit event goes out (the lifecycle's program on this tracepoint runs after this
+        // one: the agent attaches it later). Exiting first, so a switch preempting this
+        // program leaves the entry alone. The run queue's clock is as of the last tick or
+        // switch here: close enough for the fallback in `run_start`, the only use of `now`
+        // in this charge.
+        unsafe {
+            (*t).state.flags |= THREAD_EXITING;
         }
-        (*t).flags |= THREAD_EXITING | THREAD_SEEN;
+        charge_run(t, task, rq_clock(task));
     }
+    // Hand the final values over now, so the agent finds them with the exit event; the
+    // thread's remaining switches find no entry and, exiting, create none.
+    let _ = retire(t, tid);
     0
 }

@@ -127,7 +127,7 @@ pub fn emit_current(kind: u32, tgid: u32) {
     entry.submit(0);
 }
 
-const E2BIG: i32 = 7;
+pub const E2BIG: i32 = 7;
 
 /// This CPU's value for `key`, inserted as a copy of `zero` if absent. A failed insert is
 /// counted: `full` when the map is at capacity, `alloc_failed` otherwise. `zero` is a
