@@ -143,7 +143,16 @@ fn ended_threads_switches_stay_with_their_process() {
     let agent = Agent::start(&["--per-pid"]);
     // 20 waves of 10 threads, 5 sleeps of 1 ms each: over 1000 switches, nearly all by
     // threads that ended.
-    let mut w = Workload::start(&["threads", "20", "10", "5", "1"]);
+    switches_match_rusage(&agent, &["threads", "20", "10", "5", "1"], 200);
+    // A non-leader thread that execs takes over the leader's tid and start time, and the
+    // leader ends: before, during and after, every switch stays with the process.
+    switches_match_rusage(&agent, &["thread-exec", "400", "1"], 1);
+}
+
+/// Runs a workload that prints its getrusage switch counts, and checks the agent's per-pid
+/// counts against them. `ended`: how many of its threads end before it prints them.
+fn switches_match_rusage(agent: &Agent, args: &[&str], ended: u32) {
+    let mut w = Workload::start(args);
     let line = w.next_line(Duration::from_secs(60));
     let (vol, invol) = line
         .strip_prefix("rusage ")
@@ -152,28 +161,34 @@ fn ended_threads_switches_stay_with_their_process() {
         .unwrap_or_else(|| panic!("unexpected workload output {line:?}"));
     w.expect_done(Duration::from_secs(10));
     quiesce(w.pid);
-    assert!(vol > 1000.0, "too few switches to compare: {vol}");
+    assert!(vol > 1000.0, "{args:?}: too few switches to compare: {vol}");
     let pid = w.pid_label();
     let mut m = agent.scrape();
-    // The main thread's block on stdin, after getrusage, adds one; allow 2 %.
+    // The main thread's block on stdin, after getrusage, adds one. A thread's switches after
+    // sched_process_exit (its teardown: say, waiting for the mm lock as its siblings exit)
+    // are not counted by design, while getrusage has them: about 0.1 per ended thread here;
+    // allow a quarter. Otherwise 1 %.
+    let (low, high) = (vol * 0.99 - f64::from(ended) * 0.25, vol * 1.01 + 2.0);
     let ok = wait_until(Duration::from_secs(5), || {
         m = agent.scrape();
-        (m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]) - vol).abs() <= vol * 0.02
+        let got = m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]);
+        (low..=high).contains(&got)
     });
     let got_vol = m.sum(CSWCH, &[("pid", &pid), ("kind", "voluntary")]);
     let got_invol = m.sum(CSWCH, &[("pid", &pid), ("kind", "involuntary")]);
     assert!(
         ok,
-        "voluntary switches: agent {got_vol}, getrusage {vol} (involuntary: {got_invol}, {invol})"
+        "{args:?}: voluntary switches: agent {got_vol}, getrusage {vol}, want {low}..={high} \
+         (involuntary: {got_invol}, {invol})"
     );
     assert!(
         got_invol <= invol + 0.02 * vol,
-        "involuntary switches: agent {got_invol}, getrusage {invol}"
+        "{args:?}: involuntary switches: agent {got_invol}, getrusage {invol}"
     );
     // Every ended thread's entry was drained.
     assert!(
         map_entries(&m, "SW_DEAD_THREADS") <= 20.0,
-        "ended-thread map not drained: {}",
+        "{args:?}: ended-thread map not drained: {}",
         map_entries(&m, "SW_DEAD_THREADS")
     );
     assert_eq!(

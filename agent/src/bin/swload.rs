@@ -10,6 +10,10 @@
 //!   swload threads WAVES PER COUNT MS  WAVES waves of PER threads that each make COUNT
 //!                                nanosleeps of MS ms and end; then prints
 //!                                `rusage NVCSW NIVCSW` (getrusage: ended threads included)
+//!   swload thread-exec COUNT MS  the main thread and a second one each make COUNT nanosleeps
+//!                                of MS ms; then the second one execs `swload threads 0 0 0 0`
+//!                                (so the process goes on under the main thread's pid), which
+//!                                makes COUNT more and prints `rusage` as above
 //!   swload vfork MS              clone(CLONE_VFORK); the child sleeps MS ms and exits; the parent waits in D
 //!   swload futex COUNT MS        COUNT FUTEX_WAITs that time out after MS ms (ETIMEDOUT)
 //!   swload piperead MS           a blocking pipe read; another thread writes after MS ms
@@ -33,6 +37,7 @@ use std::time::{Duration, Instant};
 fn usage() -> ! {
     eprintln!(
         "usage: swload sleep COUNT MS | spin THREADS MS CPU | threads WAVES PER COUNT MS | \
+         thread-exec COUNT MS | \
          vfork MS | futex COUNT MS | \
          piperead MS | getppid COUNT | openmissing COUNT | tcp-serve ADDR COUNT MS | \
          tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT | tcp-pingpong ADDR MS COUNT"
@@ -168,6 +173,16 @@ fn main() {
             let per: u32 = arg(&args, 3);
             let count: u32 = arg(&args, 4);
             let ms: u64 = arg(&args, 5);
+            if let Some(count) = std::env::var("SWLOAD_SLEEPS")
+                .ok()
+                .and_then(|c| c.parse::<u32>().ok())
+            {
+                // After `thread-exec`: the main thread's sleeps, post-exec.
+                let ms: u64 = std::env::var("SWLOAD_MS").unwrap().parse().unwrap();
+                for _ in 0..count {
+                    nanosleep(Duration::from_millis(ms));
+                }
+            }
             for _ in 0..waves {
                 let wave: Vec<_> = (0..per)
                     .map(|_| {
@@ -190,6 +205,30 @@ fn main() {
             };
             println!("rusage {} {}", ru.ru_nvcsw, ru.ru_nivcsw);
             done_and_wait(&[gettid()]);
+        }
+        Some("thread-exec") => {
+            let count: u32 = arg(&args, 2);
+            let ms: u64 = arg(&args, 3);
+            let sleeps = move || {
+                for _ in 0..count {
+                    nanosleep(Duration::from_millis(ms));
+                }
+            };
+            let t = std::thread::spawn(move || {
+                sleeps();
+                use std::os::unix::process::CommandExt;
+                let err = std::process::Command::new("/proc/self/exe")
+                    .args(["threads", "0", "0", "0", "0"])
+                    .env("SWLOAD_SLEEPS", count.to_string())
+                    .env("SWLOAD_MS", ms.to_string())
+                    .exec();
+                eprintln!("swload: exec: {err}");
+                std::process::exit(1);
+            });
+            sleeps();
+            // The exec ends this thread; it never returns.
+            let _ = t.join();
+            std::process::exit(1);
         }
         Some("vfork") => {
             let ms: u64 = arg(&args, 2);

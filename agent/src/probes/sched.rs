@@ -90,52 +90,63 @@ pub fn attach(
 pub struct ThreadSource {
     live: aya::maps::HashMap<MapData, u32, ThreadSched>,
     dead: aya::maps::HashMap<MapData, DeadThreadKey, ThreadSched>,
+    /// `SW_THREADS`' capacity: bounds a walk of it.
+    max_threads: usize,
     /// What each process's ended threads accumulated, since it was last removed.
     ended: HashMap<u32, SchedStats>,
     /// Each process's live threads (tid, start) at the last full read.
     threads: HashMap<u32, Vec<(u32, u64)>>,
+    /// Threads (tid, start) drained since the last full read: a live entry of theirs seen
+    /// after (the programs create the ended entry, then delete the live one) must not count.
+    drained: HashSet<(u32, u64)>,
     /// Live entries marked dead (their values could not move to `SW_DEAD_THREADS`) at the
     /// last read. The programs never touch them again, so at the next read they are complete
     /// and are folded and deleted.
     parked: HashSet<u32>,
-    /// Threads (tid, start) of removed processes: should their ended entries still arrive (a
-    /// thread that ended as it was being removed), their values were already taken.
-    forget: HashSet<(u32, u64)>,
+    /// Threads (tid, start) of removed processes, for a few reads: should their ended entries
+    /// still arrive (a thread that ended as it was being removed), their values were already
+    /// taken.
+    forget: HashMap<(u32, u64), u32>,
     live_entries: usize,
     dead_entries: usize,
     /// Entries that vanished mid-read since the last full read.
     failed: u64,
 }
 
+/// Reads a removed process's late ended entries are recognised for.
+const FORGET_READS: u32 = 3;
+
 impl ThreadSource {
     pub fn new(
         live: aya::maps::HashMap<MapData, u32, ThreadSched>,
         dead: aya::maps::HashMap<MapData, DeadThreadKey, ThreadSched>,
+        max_threads: u32,
     ) -> Self {
         ThreadSource {
             live,
             dead,
+            max_threads: max_threads as usize,
             ended: HashMap::new(),
             threads: HashMap::new(),
+            drained: HashSet::new(),
             parked: HashSet::new(),
-            forget: HashSet::new(),
+            forget: HashMap::new(),
             live_entries: 0,
             dead_entries: 0,
             failed: 0,
         }
     }
 
-    /// Folds every ended thread into its process and deletes it; returns their tids.
-    fn drain(&mut self) -> HashSet<u32> {
+    /// Folds every ended thread into its process and deletes it (recording it in `drained`).
+    fn drain(&mut self) {
         let mut keys = Vec::new();
-        for key in self.dead.keys() {
+        for key in self.dead.keys().take(self.max_threads) {
             match key {
                 Ok(k) => keys.push(k),
                 Err(_) => self.failed += 1,
             }
         }
         self.dead_entries = keys.len();
-        let mut tids = HashSet::with_capacity(keys.len());
         for key in keys {
             let Ok(v) = self.dead.get(&key, 0) else {
                 self.failed += 1;
@@ -147,8 +158,9 @@ impl ThreadSource {
                 self.failed += 1;
                 continue;
             }
-            tids.insert(key.tid);
-            if self.forget.contains(&(key.tid, key.start_ns)) {
+            let id = (key.tid, key.start_ns);
+            self.drained.insert(id);
+            if self.forget.contains_key(&id) {
                 continue;
             }
             self.ended
@@ -156,16 +168,15 @@ impl ThreadSource {
                 .or_insert(SchedStats::ZERO)
                 .add(&v.stats);
         }
-        tids
     }
 
     /// The process's live threads' values, as of the last full read's thread list.
-    fn live_of(&self, tgid: u32) -> Vec<(u32, SchedStats)> {
+    fn live_of(&self, tgid: u32) -> Vec<((u32, u64), SchedStats)> {
         let mut v = Vec::new();
         for &(tid, start) in self.threads.get(&tgid).into_iter().flatten() {
             if let Ok(t) = self.live.get(&tid, 0) {
                 if t.state.tgid == tgid && t.state.start_ns == start {
-                    v.push((tid, t.stats));
+                    v.push(((tid, start), t.stats));
                 }
             }
         }
@@ -177,27 +188,29 @@ impl Source for ThreadSource {
     type Value = SchedStats;
 
     fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
-        let mut live = Vec::new();
-        for item in self.live.iter() {
+        // By tid: the walk (get_next_key from the last key) starts over when the programs
+        // delete the key it stands on, returning entries again; the last copy wins. Bounded,
+        // in case entries keep ending under it.
+        let mut live: HashMap<u32, ThreadSched> = HashMap::new();
+        for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
             match item {
-                Ok(entry) => live.push(entry),
-                // An entry deleted between get_next_key and lookup: skip it.
+                Ok((tid, v)) => {
+                    live.insert(tid, v);
+                }
                 Err(_) => self.failed += 1,
             }
         }
-        let ended_now = self.drain();
-        self.forget.clear();
+        self.drain();
         self.live_entries = live.len();
         let mut totals: HashMap<u32, SchedStats> = HashMap::new();
         let mut threads: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
         let mut parked = HashSet::new();
         for (tid, v) in live {
-            if ended_now.contains(&tid) {
-                // It ended after we read it: its final values were just folded. (Or a new
-                // thread took its tid since: counted at the next read.)
+            let tgid = v.state.tgid;
+            if self.drained.contains(&(tid, v.state.start_ns)) {
+                // It ended after we read it: its final values were folded.
                 continue;
             }
-            let tgid = v.state.tgid;
             if v.state.flags & THREAD_DEAD != 0 {
                 if self.parked.contains(&tid) {
                     self.ended
@@ -218,9 +231,15 @@ impl Source for ThreadSource {
         for (tgid, e) in &self.ended {
             totals.entry(*tgid).or_insert(SchedStats::ZERO).add(e);
         }
+        self.drained.clear();
+        self.forget.retain(|_, left| {
+            *left -= 1;
+            *left > 0
+        });
         self.parked = parked;
         self.threads = threads;
         crate::aggregate::process::shrink(&mut self.ended);
+        crate::aggregate::process::shrink(&mut self.forget);
         *failed += std::mem::take(&mut self.failed);
         totals.into_iter().collect()
     }
@@ -229,10 +248,10 @@ impl Source for ThreadSource {
         // Live first, as in read_all: a thread ending meanwhile is found in SW_DEAD_THREADS,
         // and then its final values (in `ended`) count instead.
         let live = self.live_of(tgid);
-        let ended_now = self.drain();
+        self.drain();
         let mut total = self.ended.get(&tgid).copied();
-        for (tid, stats) in &live {
-            if !ended_now.contains(tid) {
+        for (id, stats) in &live {
+            if !self.drained.contains(id) {
                 total.get_or_insert(SchedStats::ZERO).add(stats);
             }
         }
@@ -249,7 +268,7 @@ impl Source for ThreadSource {
                 // ENOENT is fine: the thread ended meanwhile (and is forgotten below).
                 let _ = self.live.remove(&tid);
             }
-            self.forget.insert((tid, start));
+            self.forget.insert((tid, start), FORGET_READS);
         }
         self.ended.remove(&tgid);
     }
@@ -322,7 +341,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
     };
     let live = aya::maps::HashMap::try_from(take(names::MAP_THREADS)?)?;
     let dead = aya::maps::HashMap::try_from(take(names::MAP_DEAD_THREADS)?)?;
-    let mut source = SchedSource::new(live, dead);
+    let mut source = SchedSource::new(live, dead, ctx.config.max_threads);
     let existing = prepopulate(&mut source, ctx.config.max_threads)?;
     log::debug!("pre-created {existing} per-thread entries");
     let state = Arc::new(Mutex::new(ProcessState::new(source, ctx.config)));

@@ -129,12 +129,15 @@ impl ThreadSched {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DeadThreadKey {
+    /// The thread's `start_time`.
     pub start_ns: u64,
+    /// When its entry moved here (`bpf_ktime_get_ns`).
+    pub ended_ns: u64,
     pub tid: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<DeadThreadKey>() == 16);
+const _: () = assert!(core::mem::size_of::<DeadThreadKey>() == 24);
 
 /// Scheduler aggregates of a thread (and, summed by the agent, of a process). Counters only
 /// grow.

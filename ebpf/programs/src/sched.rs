@@ -15,6 +15,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
     maps::HashMap,
     programs::BtfTracePointContext,
@@ -90,16 +91,20 @@ fn create(tid: u32) -> Option<*mut ThreadSched> {
 }
 
 /// Ends a thread's entry: its values move to `SW_DEAD_THREADS` for the agent to fold, and the
-/// tid's slot is free. If they cannot move (that map is full), the entry stays, marked dead,
-/// for the agent to fold in place; then the slot is not free (`false`).
+/// tid's slot is free. If they cannot move (that map is full: its fill, exported at every
+/// read, shows it), the entry stays, marked dead, for the agent to fold in place; then the
+/// slot is not free (`false`).
 #[inline(always)]
 fn retire(t: *mut ThreadSched, tid: u32) -> bool {
     unsafe {
         if (*t).state.flags & THREAD_DEAD != 0 {
             return false;
         }
+        // The end time makes the key unique even for two ends of one (tid, start): after an
+        // exec by a non-leader thread, which takes over the leader's tid and start time.
         let key = DeadThreadKey {
             start_ns: (*t).state.start_ns,
+            ended_ns: bpf_ktime_get_ns(),
             tid,
             _pad: 0,
         };
@@ -115,6 +120,12 @@ fn retire(t: *mut ThreadSched, tid: u32) -> bool {
     true
 }
 
+/// Whether `task` is exiting (`PF_EXITING`: past the start of do_exit).
+#[inline(always)]
+fn exiting(task: *const u8) -> bool {
+    btf_load::<u32>(task, &TASK_FLAGS_OFF) & PF_EXITING != 0
+}
+
 /// The entry of thread `tid` (`task`, started at `start`), created if absent. An entry the
 /// agent created for a thread older than the programs is adopted at its first use; an entry
 /// left by an earlier thread with this tid (its end unseen) is retired first. At a switch
@@ -122,23 +133,37 @@ fn retire(t: *mut ThreadSched, tid: u32) -> bool {
 #[inline(always)]
 fn entry<const SWITCH: bool>(task: *const u8, tid: u32, start: u64) -> Option<*mut ThreadSched> {
     if let Some(t) = SW_THREADS.get_ptr_mut(&tid) {
-        let have = unsafe { (*t).state.start_ns };
-        if have == start {
-            return Some(t);
-        }
-        if have == 0 && unsafe { (*t).state.flags } & THREAD_DEAD == 0 {
-            unsafe {
-                (*t).state.start_ns = start;
-                (*t).state.tgid = task_tgid(task);
+        let (have, flags) = unsafe { ((*t).state.start_ns, (*t).state.flags) };
+        if flags & THREAD_DEAD == 0 {
+            if have == start {
+                // Its own entry (exiting or not: the caller checks).
+                return Some(t);
             }
-            return Some(t);
+            if have == 0 {
+                unsafe {
+                    (*t).state.start_ns = start;
+                    (*t).state.tgid = task_tgid(task);
+                }
+                return Some(t);
+            }
         }
+        if have >= start {
+            // Its own entry, parked after its exit (this is one of its last switches); or the
+            // one the leader left parked, found by a thread that exec'd and so took over the
+            // leader's tid and start time; or a newer thread's, the tid having been reused
+            // while this exiting thread makes its last switches.
+            if !exiting(task) {
+                count(Counter::ThreadSlotBusy);
+            }
+            return None;
+        }
+        // An older thread's entry, its end unseen.
         if !retire(t, tid) {
             count(Counter::ThreadSlotBusy);
             return None;
         }
     }
-    if SWITCH && btf_load::<u32>(task, &TASK_FLAGS_OFF) & PF_EXITING != 0 {
+    if SWITCH && exiting(task) {
         return None;
     }
     let t = create(tid)?;
