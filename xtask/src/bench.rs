@@ -258,8 +258,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _agent = Agent::start_with(&bin, &["--probes", "sched"])?;
         owners.push(("stallwatch", new_ids(&base)?));
         // First alone: without the peers' programs on the same hook (offcputime walks two
-        // stacks per switch) evicting what ours touches.
+        // stacks per switch) evicting what ours touches. After the agent's start-up (its
+        // first map reads, /proc and runtime scans), which would otherwise run on the other
+        // CPU during the measurement.
         let alone = {
+            std::thread::sleep(Duration::from_secs(3));
             let (rows, ctxt, _) = measured_pipe(&owners, args.loops)?;
             rows.iter().map(|r| r.2).sum::<u64>() as f64 / ctxt.max(1) as f64
         };
@@ -335,7 +338,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "\nPer context switch (total BPF time of the tool / context switches):\n\n\
          | tool | ns per context switch |\n|---|---:|\n\
          | stallwatch sched (all programs), beside the peers | {:.1} |\n\
-         | stallwatch sched alone (a run before the peers attached) | {alone:.1} |\n\
+         | stallwatch sched alone (a run before the peers attached, 3 s after the agent started) | {alone:.1} |\n\
          | libbpf-tools runqlat | {:.1} |\n\
          | libbpf-tools offcputime | {:.1} |\n\
          | an empty program (floor per program run) | {:.1} |\n\
