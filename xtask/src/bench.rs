@@ -923,21 +923,25 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
          waking every 10 ms (`swload sleep`), 200 sequential scrapes after a 5 s warm-up. \
          Series = exposition sample lines. About 1k series: keys capped by `--max-series 8` \
          (the rest fold into `_other`); about 10k and 20k: `--per-pid`, every process its own \
-         series.\n\n\
+         series. Last row: one process with 10,000 idle threads (`swload idle-threads`), \
+         because the sched probe's kernel map holds an entry per thread, all read at every \
+         scrape.\n\n\
          | agent flags | processes | series | p50 ms | p99 ms | max ms | agent RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut p99_at_10k = None;
-    for (flags, n) in [
-        (&["--max-series", "8"][..], 8usize),
-        (&["--per-pid"][..], 8),
-        (&["--per-pid"][..], 80),
+    const SLEEP: &[&str] = &["sleep", "100000", "10"];
+    for (flags, n, workload) in [
+        (&["--max-series", "8"][..], 8usize, SLEEP),
+        (&["--per-pid"][..], 8, SLEEP),
+        (&["--per-pid"][..], 80, SLEEP),
+        (&["--per-pid"][..], 1, &["idle-threads", "10000"][..]),
     ] {
         let agent = Agent::start_with(bin, flags)?;
         let mut kids = Vec::new();
         for _ in 0..n {
             kids.push(
                 Command::new(&swload)
-                    .args(["sleep", "100000", "10"])
+                    .args(workload)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::null())
                     .spawn()
@@ -965,8 +969,13 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         {
             p99_at_10k = Some((series, ms[197]));
         }
+        let processes = if workload == SLEEP {
+            n.to_string()
+        } else {
+            format!("{n}, with {} threads", workload[1])
+        };
         report.push_str(&format!(
-            "| `{}` | {n} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
+            "| `{}` | {processes} | {series} | {:.2} | {:.2} | {:.2} | {rss:.1} |\n",
             flags.join(" "),
             ms[100],
             ms[197],

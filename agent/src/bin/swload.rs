@@ -10,6 +10,7 @@
 //!   swload threads WAVES PER COUNT MS  WAVES waves of PER threads that each make COUNT
 //!                                nanosleeps of MS ms and end; then prints
 //!                                `rusage NVCSW NIVCSW` (getrusage: ended threads included)
+//!   swload idle-threads N        N threads that block until stdin closes
 //!   swload thread-exec COUNT MS  the main thread and a second one each make COUNT nanosleeps
 //!                                of MS ms; then the second one execs `swload threads 0 0 0 0`
 //!                                (so the process goes on under the main thread's pid), which
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 fn usage() -> ! {
     eprintln!(
         "usage: swload sleep COUNT MS | spin THREADS MS CPU | threads WAVES PER COUNT MS | \
-         thread-exec COUNT MS | \
+         idle-threads N | thread-exec COUNT MS | \
          vfork MS | futex COUNT MS | \
          piperead MS | getppid COUNT | openmissing COUNT | tcp-serve ADDR COUNT MS | \
          tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT | tcp-pingpong ADDR MS COUNT"
@@ -205,6 +206,23 @@ fn main() {
             };
             println!("rusage {} {}", ru.ru_nvcsw, ru.ru_nivcsw);
             done_and_wait(&[gettid()]);
+        }
+        Some("idle-threads") => {
+            let n: usize = arg(&args, 2);
+            let release = Arc::new(Barrier::new(n + 1));
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    let release = release.clone();
+                    std::thread::spawn(move || {
+                        release.wait();
+                    })
+                })
+                .collect();
+            done_and_wait(&[gettid()]);
+            release.wait();
+            for t in threads {
+                t.join().unwrap();
+            }
         }
         Some("thread-exec") => {
             let count: u32 = arg(&args, 2);

@@ -2,6 +2,7 @@
 //! snapshots. The registry below starts the probes a config asks for; `process` and
 //! `lifecycle` hold what every per-process probe shares.
 
+pub mod batch;
 pub mod gc;
 pub mod lifecycle;
 pub mod process;

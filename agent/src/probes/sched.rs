@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use aya::maps::MapData;
+use aya::maps::{IterableMap, MapData};
 use prometheus::proto::MetricFamily;
 use stallwatch_common::{
     names,
@@ -139,25 +139,19 @@ impl ThreadSource {
 
     /// Folds every ended thread into its process and deletes it (recording it in `drained`).
     fn drain(&mut self) {
-        let mut keys = Vec::new();
-        for key in self.dead.keys().take(self.max_threads) {
-            match key {
-                Ok(k) => keys.push(k),
-                Err(_) => self.failed += 1,
-            }
-        }
-        self.dead_entries = keys.len();
-        for key in keys {
-            let Ok(v) = self.dead.get(&key, 0) else {
-                self.failed += 1;
-                continue;
+        let ended =
+            match super::batch::hash_entries::<DeadThreadKey, ThreadSched>(self.dead.map(), true) {
+                Ok(ended) => ended,
+                Err(e) => {
+                    log::debug!(
+                        "batch read of {}: {e}; reading it key by key",
+                        names::MAP_DEAD_THREADS
+                    );
+                    self.take_ended_by_key()
+                }
             };
-            // Folded only once deleted, so a failure leaves it for the next drain, not
-            // counted twice.
-            if self.dead.remove(&key).is_err() {
-                self.failed += 1;
-                continue;
-            }
+        self.dead_entries = ended.len();
+        for (key, v) in ended {
             let id = (key.tid, key.start_ns);
             self.drained.insert(id);
             if self.forget.contains_key(&id) {
@@ -167,6 +161,60 @@ impl ThreadSource {
                 .entry(v.state.tgid)
                 .or_insert(SchedStats::ZERO)
                 .add(&v.stats);
+        }
+    }
+
+    /// `SW_DEAD_THREADS`' entries, each deleted, without the batch command.
+    fn take_ended_by_key(&mut self) -> Vec<(DeadThreadKey, ThreadSched)> {
+        let mut keys = Vec::new();
+        for key in self.dead.keys().take(self.max_threads) {
+            match key {
+                Ok(k) => keys.push(k),
+                Err(_) => self.failed += 1,
+            }
+        }
+        let mut ended = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Ok(v) = self.dead.get(&key, 0) else {
+                self.failed += 1;
+                continue;
+            };
+            // Taken only once deleted, so a failure leaves it for the next drain, not
+            // counted twice.
+            if self.dead.remove(&key).is_err() {
+                self.failed += 1;
+                continue;
+            }
+            ended.push((key, v));
+        }
+        ended
+    }
+
+    /// `SW_THREADS`' entries, each once.
+    fn read_live(&mut self) -> Vec<(u32, ThreadSched)> {
+        match super::batch::hash_entries::<u32, ThreadSched>(self.live.map(), false) {
+            // Bucket by bucket: an entry deleted and re-created meanwhile is in the same
+            // bucket, read once.
+            Ok(live) => live,
+            Err(e) => {
+                log::debug!(
+                    "batch read of {}: {e}; reading it key by key",
+                    names::MAP_THREADS
+                );
+                // The walk (get_next_key from the last key) starts over when the programs
+                // delete the key it stands on, returning entries again: by tid, the last
+                // copy wins. Bounded, in case entries keep ending under it.
+                let mut live = HashMap::new();
+                for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
+                    match item {
+                        Ok((tid, v)) => {
+                            live.insert(tid, v);
+                        }
+                        Err(_) => self.failed += 1,
+                    }
+                }
+                live.into_iter().collect()
+            }
         }
     }
 
@@ -188,18 +236,7 @@ impl Source for ThreadSource {
     type Value = SchedStats;
 
     fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
-        // By tid: the walk (get_next_key from the last key) starts over when the programs
-        // delete the key it stands on, returning entries again; the last copy wins. Bounded,
-        // in case entries keep ending under it.
-        let mut live: HashMap<u32, ThreadSched> = HashMap::new();
-        for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
-            match item {
-                Ok((tid, v)) => {
-                    live.insert(tid, v);
-                }
-                Err(_) => self.failed += 1,
-            }
-        }
+        let live = self.read_live();
         self.drain();
         self.live_entries = live.len();
         let mut totals: HashMap<u32, SchedStats> = HashMap::new();
