@@ -147,6 +147,9 @@ fn ended_threads_switches_stay_with_their_process() {
     // A non-leader thread that execs takes over the leader's tid and start time, and the
     // leader ends: before, during and after, every switch stays with the process.
     switches_match_rusage(&agent, &["thread-exec", "400", "1"], 1);
+    // The maps were read with the batch commands, not the key-by-key fallback.
+    let log = agent.log();
+    assert!(!log.contains("key by key"), "{log}");
 }
 
 /// Runs a workload that prints its getrusage switch counts, and checks the agent's per-pid

@@ -939,14 +939,21 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         let agent = Agent::start_with(bin, flags)?;
         let mut kids = Vec::new();
         for _ in 0..n {
-            kids.push(
-                Command::new(&swload)
-                    .args(workload)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("starting swload")?,
-            );
+            let mut kid = Command::new(&swload)
+                .args(workload)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting swload")?;
+            if workload != SLEEP {
+                // Its threads are all up when it says so.
+                let mut line = String::new();
+                BufReader::new(kid.stdout.take().expect("piped")).read_line(&mut line)?;
+                if !line.starts_with("done") {
+                    bail!("swload {}: {line:?}", workload.join(" "));
+                }
+            }
+            kids.push(kid);
         }
         std::thread::sleep(Duration::from_secs(5));
         let body = http_get(&agent.1, "/metrics")?;
@@ -962,9 +969,11 @@ fn agent_section(bin: &std::path::Path) -> anyhow::Result<String> {
         }
         ms.sort_by(f64::total_cmp);
         let rss = status_kb(agent.0.id(), "VmRSS:")? as f64 / 1024.0;
-        // The run closest to 10k series is the one the target is judged on.
+        // The run closest to 10k series is the one the target is judged on (of the runs
+        // that vary the series, not the threads).
         let near = |s: usize| s.abs_diff(10_000);
-        if (5_000..15_000).contains(&series)
+        if workload == SLEEP
+            && (5_000..15_000).contains(&series)
             && p99_at_10k.is_none_or(|(s, _)| near(series) < near(s))
         {
             p99_at_10k = Some((series, ms[197]));

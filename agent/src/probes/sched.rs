@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use aya::maps::{IterableMap, MapData};
+use aya::maps::MapData;
 use prometheus::proto::MetricFamily;
 use stallwatch_common::{
     names,
@@ -139,19 +139,22 @@ impl ThreadSource {
 
     /// Folds every ended thread into its process and deletes it (recording it in `drained`).
     fn drain(&mut self) {
-        let ended =
-            match super::batch::hash_entries::<DeadThreadKey, ThreadSched>(self.dead.map(), true) {
-                Ok(ended) => ended,
-                Err(e) => {
-                    log::debug!(
-                        "batch read of {}: {e}; reading it key by key",
-                        names::MAP_DEAD_THREADS
-                    );
-                    self.take_ended_by_key()
-                }
-            };
-        self.dead_entries = ended.len();
-        for (key, v) in ended {
+        let batch = super::batch::hash_entries(&self.dead, true, self.dead_entries);
+        // What the batch returned is deleted: fold it even if the walk then failed.
+        let (mut keys, mut values) = (batch.keys, batch.values);
+        if let Some(e) = batch.error {
+            log::warn!(
+                "batch read of {}: {e}; reading it key by key",
+                names::MAP_DEAD_THREADS
+            );
+            self.failed += 1;
+            for (k, v) in self.take_ended_by_key() {
+                keys.push(k);
+                values.push(v);
+            }
+        }
+        self.dead_entries = keys.len();
+        for (key, v) in keys.iter().zip(&values) {
             let id = (key.tid, key.start_ns);
             self.drained.insert(id);
             if self.forget.contains_key(&id) {
@@ -190,32 +193,31 @@ impl ThreadSource {
         ended
     }
 
-    /// `SW_THREADS`' entries, each once.
-    fn read_live(&mut self) -> Vec<(u32, ThreadSched)> {
-        match super::batch::hash_entries::<u32, ThreadSched>(self.live.map(), false) {
-            // Bucket by bucket: an entry deleted and re-created meanwhile is in the same
-            // bucket, read once.
-            Ok(live) => live,
-            Err(e) => {
-                log::debug!(
-                    "batch read of {}: {e}; reading it key by key",
-                    names::MAP_THREADS
-                );
-                // The walk (get_next_key from the last key) starts over when the programs
-                // delete the key it stands on, returning entries again: by tid, the last
-                // copy wins. Bounded, in case entries keep ending under it.
-                let mut live = HashMap::new();
-                for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
-                    match item {
-                        Ok((tid, v)) => {
-                            live.insert(tid, v);
-                        }
-                        Err(_) => self.failed += 1,
-                    }
+    /// `SW_THREADS`' entries, each once: tids and values side by side.
+    fn read_live(&mut self) -> (Vec<u32>, Vec<ThreadSched>) {
+        // Bucket by bucket: an entry deleted and re-created meanwhile is in its same bucket,
+        // read once.
+        let batch = super::batch::hash_entries(&self.live, false, self.live_entries);
+        let Some(e) = batch.error else {
+            return (batch.keys, batch.values);
+        };
+        log::warn!(
+            "batch read of {}: {e}; reading it key by key",
+            names::MAP_THREADS
+        );
+        // The walk (get_next_key from the last key) starts over when the programs delete the
+        // key it stands on, returning entries again: by tid, the last copy wins. Bounded, in
+        // case entries keep ending under it.
+        let mut live = HashMap::new();
+        for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
+            match item {
+                Ok((tid, v)) => {
+                    live.insert(tid, v);
                 }
-                live.into_iter().collect()
+                Err(_) => self.failed += 1,
             }
         }
+        live.into_iter().unzip()
     }
 
     /// The process's live threads' values, as of the last full read's thread list.
@@ -236,13 +238,13 @@ impl Source for ThreadSource {
     type Value = SchedStats;
 
     fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
-        let live = self.read_live();
+        let (tids, values) = self.read_live();
         self.drain();
-        self.live_entries = live.len();
+        self.live_entries = tids.len();
         let mut totals: HashMap<u32, SchedStats> = HashMap::new();
         let mut threads: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
         let mut parked = HashSet::new();
-        for (tid, v) in live {
+        for (&tid, v) in tids.iter().zip(&values) {
             let tgid = v.state.tgid;
             if self.drained.contains(&(tid, v.state.start_ns)) {
                 // It ended after we read it: its final values were folded.
