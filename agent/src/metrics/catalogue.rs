@@ -51,7 +51,7 @@ pub const RUNQUEUE_LATENCY: MetricDef = MetricDef {
     help: "Time threads spent runnable but waiting for a CPU: from wakeup, or preemption while runnable, until they ran (the kernel's run_delay accounting).",
     labels: &[],
     per_process: true,
-    source: "tp_btf/sched_switch, sched_wakeup_new, sched_process_exit",
+    source: "tp_btf/sched_switch, sched_process_fork, sched_process_exit",
 };
 
 pub const OFFCPU_SECONDS: MetricDef = MetricDef {

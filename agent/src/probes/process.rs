@@ -38,8 +38,7 @@ pub trait Source: Send + 'static {
     fn entries(&self) -> usize;
 }
 
-/// A per-CPU hash with one entry per process (`SW_PROC_SCHED`, `SW_PROC_TCP`), summed over
-/// CPUs.
+/// A per-CPU hash with one entry per process (`SW_PROC_TCP`), summed over CPUs.
 pub struct TgidMap<V: aya::Pod> {
     pub procs: aya::maps::PerCpuHashMap<aya::maps::MapData, u32, V>,
     entries: usize,
