@@ -94,6 +94,13 @@ fn nanosleep(d: Duration) {
     };
 }
 
+/// `count` nanosleeps of `ms` milliseconds.
+fn sleeps(count: u32, ms: u64) {
+    for _ in 0..count {
+        nanosleep(Duration::from_millis(ms));
+    }
+}
+
 /// SWLOAD_GATE=1: print `ready`, then wait for SIGUSR1.
 fn gate() {
     if std::env::var_os("SWLOAD_GATE").is_none() {
@@ -126,9 +133,7 @@ fn main() {
         Some("sleep") => {
             let count: u32 = arg(&args, 2);
             let ms: u64 = arg(&args, 3);
-            for _ in 0..count {
-                nanosleep(Duration::from_millis(ms));
-            }
+            sleeps(count, ms);
             done_and_wait(&[gettid()]);
         }
         Some("spin") => {
@@ -180,19 +185,11 @@ fn main() {
             {
                 // After `thread-exec`: the main thread's sleeps, post-exec.
                 let ms: u64 = std::env::var("SWLOAD_MS").unwrap().parse().unwrap();
-                for _ in 0..count {
-                    nanosleep(Duration::from_millis(ms));
-                }
+                sleeps(count, ms);
             }
             for _ in 0..waves {
                 let wave: Vec<_> = (0..per)
-                    .map(|_| {
-                        std::thread::spawn(move || {
-                            for _ in 0..count {
-                                nanosleep(Duration::from_millis(ms));
-                            }
-                        })
-                    })
+                    .map(|_| std::thread::spawn(move || sleeps(count, ms)))
                     .collect();
                 for t in wave {
                     t.join().unwrap();
@@ -227,13 +224,8 @@ fn main() {
         Some("thread-exec") => {
             let count: u32 = arg(&args, 2);
             let ms: u64 = arg(&args, 3);
-            let sleeps = move || {
-                for _ in 0..count {
-                    nanosleep(Duration::from_millis(ms));
-                }
-            };
             let t = std::thread::spawn(move || {
-                sleeps();
+                sleeps(count, ms);
                 use std::os::unix::process::CommandExt;
                 let err = std::process::Command::new("/proc/self/exe")
                     .args(["threads", "0", "0", "0", "0"])
@@ -243,7 +235,7 @@ fn main() {
                 eprintln!("swload: exec: {err}");
                 std::process::exit(1);
             });
-            sleeps();
+            sleeps(count, ms);
             // The exec ends this thread; it never returns.
             let _ = t.join();
             std::process::exit(1);

@@ -4,8 +4,11 @@
 //! cursor is a bucket index: entries the programs delete meanwhile neither restart the walk
 //! nor repeat it (a `get_next_key` walk restarts from the first entry when its key goes).
 //! `BPF_MAP_LOOKUP_AND_DELETE_BATCH` also deletes what it returns, in the same bucket lock.
-//! Both exist for hash maps since v5.6.
+//! Both exist for hash maps since v5.6; where they fail, the read falls back to a key-by-key
+//! walk.
 
+use std::collections::HashMap as StdHashMap;
+use std::hash::Hash;
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd};
@@ -33,23 +36,93 @@ struct BatchAttr {
 /// Entries per syscall to start with; doubled if one bucket holds more.
 const CHUNK: usize = 256;
 
-/// What a batch read returned: keys and values side by side, and the error that ended it
-/// early, if one did. Entries before an error are valid (and, when deleting, deleted: the
-/// caller must keep them).
+/// A whole-map read: keys and values side by side, each entry once, and how many entries
+/// could not be read (they vanished mid-walk, or the batch command failed).
 pub struct Entries<K, V> {
     pub keys: Vec<K>,
     pub values: Vec<V>,
-    pub error: Option<io::Error>,
+    pub failed: u64,
 }
 
-/// Every entry of a hash map; with `delete`, each one returned is deleted. `expected`: about
-/// how many entries there are, to size the buffers once. The map's type (aya checked its key
-/// and value sizes against `K` and `V` when it was taken) bounds what the kernel writes.
-pub fn hash_entries<K: Pod, V: Pod>(
+/// Every entry of hash map `name`; with `delete`, each one returned is deleted. `expected`:
+/// about how many entries there are, to size the buffers once; `bound`: its capacity, which
+/// bounds a fallback walk.
+pub fn hash_entries<K: Pod + Eq + Hash, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &str,
+    delete: bool,
+    expected: usize,
+    bound: usize,
+) -> Entries<K, V> {
+    let (mut keys, mut values, error) = batch(map, delete, expected);
+    let mut failed = 0;
+    if let Some(e) = error {
+        log::warn!("batch read of {name}: {e}; reading it key by key");
+        failed += 1;
+        if delete {
+            // What the batch returned is deleted already: keep it, walk the rest.
+            for key in walk_keys(map, bound, &mut failed) {
+                let Ok(v) = map.get(&key, 0) else {
+                    failed += 1;
+                    continue;
+                };
+                // Taken only once deleted, so a failure leaves it for the next read, not
+                // returned twice.
+                if map.remove(&key).is_err() {
+                    failed += 1;
+                    continue;
+                }
+                keys.push(key);
+                values.push(v);
+            }
+        } else {
+            // The walk (get_next_key from the last key) starts over when the programs delete
+            // the key it stands on, returning entries again: the last copy of a key wins.
+            // Bounded, in case entries keep going under it.
+            let mut all = StdHashMap::new();
+            for item in map.iter().take(bound.saturating_mul(4)) {
+                match item {
+                    Ok((k, v)) => {
+                        all.insert(k, v);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            (keys, values) = all.into_iter().unzip();
+        }
+    }
+    Entries {
+        keys,
+        values,
+        failed,
+    }
+}
+
+/// The map's keys, by a get_next_key walk of at most `bound` steps.
+fn walk_keys<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    bound: usize,
+    failed: &mut u64,
+) -> Vec<K> {
+    let mut keys = Vec::new();
+    for key in map.keys().take(bound) {
+        match key {
+            Ok(k) => keys.push(k),
+            Err(_) => *failed += 1,
+        }
+    }
+    keys
+}
+
+/// Every entry, with the batch commands: keys, values, and the error that ended the walk
+/// early, if one did. Entries before an error are valid (and, when deleting, deleted: the
+/// caller must keep them). The map's type (aya checked its key and value sizes against `K`
+/// and `V` when it was taken) bounds what the kernel writes.
+fn batch<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     delete: bool,
     expected: usize,
-) -> Entries<K, V> {
+) -> (Vec<K>, Vec<V>, Option<io::Error>) {
     let fd = map.map().fd().as_fd().as_raw_fd();
     let cmd = if delete {
         BPF_MAP_LOOKUP_AND_DELETE_BATCH
@@ -105,25 +178,13 @@ pub fn hash_entries<K: Pod, V: Pod>(
         match error.as_ref().and_then(io::Error::raw_os_error) {
             None => {}
             // The walk reached the end.
-            Some(libc::ENOENT) => {
-                return Entries {
-                    keys,
-                    values,
-                    error: None,
-                }
-            }
+            Some(libc::ENOENT) => return (keys, values, None),
             // A bucket holds more entries than fit: retry it with more room.
             Some(libc::ENOSPC) if n == 0 && chunk < (1 << 20) => {
                 chunk *= 2;
                 continue;
             }
-            Some(_) => {
-                return Entries {
-                    keys,
-                    values,
-                    error,
-                }
-            }
+            Some(_) => return (keys, values, error),
         }
         cursor = next;
         first = false;

@@ -139,85 +139,22 @@ impl ThreadSource {
 
     /// Folds every ended thread into its process and deletes it (recording it in `drained`).
     fn drain(&mut self) {
-        let batch = super::batch::hash_entries(&self.dead, true, self.dead_entries);
-        // What the batch returned is deleted: fold it even if the walk then failed.
-        let (mut keys, mut values) = (batch.keys, batch.values);
-        if let Some(e) = batch.error {
-            log::warn!(
-                "batch read of {}: {e}; reading it key by key",
-                names::MAP_DEAD_THREADS
-            );
-            self.failed += 1;
-            for (k, v) in self.take_ended_by_key() {
-                keys.push(k);
-                values.push(v);
-            }
-        }
-        self.dead_entries = keys.len();
-        for (key, v) in keys.iter().zip(&values) {
+        let ended = super::batch::hash_entries(
+            &mut self.dead,
+            names::MAP_DEAD_THREADS,
+            true,
+            self.dead_entries,
+            self.max_threads,
+        );
+        self.failed += ended.failed;
+        self.dead_entries = ended.keys.len();
+        for (key, v) in ended.keys.iter().zip(&ended.values) {
             let id = (key.tid, key.start_ns);
             self.drained.insert(id);
-            if self.forget.contains_key(&id) {
-                continue;
-            }
-            self.ended
-                .entry(v.state.tgid)
-                .or_insert(SchedStats::ZERO)
-                .add(&v.stats);
-        }
-    }
-
-    /// `SW_DEAD_THREADS`' entries, each deleted, without the batch command.
-    fn take_ended_by_key(&mut self) -> Vec<(DeadThreadKey, ThreadSched)> {
-        let mut keys = Vec::new();
-        for key in self.dead.keys().take(self.max_threads) {
-            match key {
-                Ok(k) => keys.push(k),
-                Err(_) => self.failed += 1,
+            if !self.forget.contains_key(&id) {
+                add_to(&mut self.ended, v.state.tgid, &v.stats);
             }
         }
-        let mut ended = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Ok(v) = self.dead.get(&key, 0) else {
-                self.failed += 1;
-                continue;
-            };
-            // Taken only once deleted, so a failure leaves it for the next drain, not
-            // counted twice.
-            if self.dead.remove(&key).is_err() {
-                self.failed += 1;
-                continue;
-            }
-            ended.push((key, v));
-        }
-        ended
-    }
-
-    /// `SW_THREADS`' entries, each once: tids and values side by side.
-    fn read_live(&mut self) -> (Vec<u32>, Vec<ThreadSched>) {
-        // Bucket by bucket: an entry deleted and re-created meanwhile is in its same bucket,
-        // read once.
-        let batch = super::batch::hash_entries(&self.live, false, self.live_entries);
-        let Some(e) = batch.error else {
-            return (batch.keys, batch.values);
-        };
-        log::warn!(
-            "batch read of {}: {e}; reading it key by key",
-            names::MAP_THREADS
-        );
-        // The walk (get_next_key from the last key) starts over when the programs delete the
-        // key it stands on, returning entries again: by tid, the last copy wins. Bounded, in
-        // case entries keep ending under it.
-        let mut live = HashMap::new();
-        for item in self.live.iter().take(self.max_threads.saturating_mul(4)) {
-            match item {
-                Ok((tid, v)) => {
-                    live.insert(tid, v);
-                }
-                Err(_) => self.failed += 1,
-            }
-        }
-        live.into_iter().unzip()
     }
 
     /// The process's live threads' values, as of the last full read's thread list.
@@ -238,13 +175,20 @@ impl Source for ThreadSource {
     type Value = SchedStats;
 
     fn read_all(&mut self, failed: &mut u64) -> Vec<(u32, SchedStats)> {
-        let (tids, values) = self.read_live();
+        let live = super::batch::hash_entries(
+            &mut self.live,
+            names::MAP_THREADS,
+            false,
+            self.live_entries,
+            self.max_threads,
+        );
+        self.failed += live.failed;
         self.drain();
-        self.live_entries = tids.len();
+        self.live_entries = live.keys.len();
         let mut totals: HashMap<u32, SchedStats> = HashMap::new();
         let mut threads: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
         let mut parked = HashSet::new();
-        for (&tid, v) in tids.iter().zip(&values) {
+        for (&tid, v) in live.keys.iter().zip(&live.values) {
             let tgid = v.state.tgid;
             if self.drained.contains(&(tid, v.state.start_ns)) {
                 // It ended after we read it: its final values were folded.
@@ -252,23 +196,20 @@ impl Source for ThreadSource {
             }
             if v.state.flags & THREAD_DEAD != 0 {
                 if self.parked.contains(&tid) {
-                    self.ended
-                        .entry(tgid)
-                        .or_insert(SchedStats::ZERO)
-                        .add(&v.stats);
+                    add_to(&mut self.ended, tgid, &v.stats);
                     let _ = self.live.remove(&tid);
                     continue;
                 }
                 parked.insert(tid);
             }
-            totals.entry(tgid).or_insert(SchedStats::ZERO).add(&v.stats);
+            add_to(&mut totals, tgid, &v.stats);
             threads
                 .entry(tgid)
                 .or_default()
                 .push((tid, v.state.start_ns));
         }
         for (tgid, e) in &self.ended {
-            totals.entry(*tgid).or_insert(SchedStats::ZERO).add(e);
+            add_to(&mut totals, *tgid, e);
         }
         self.drained.clear();
         self.forget.retain(|_, left| {
@@ -317,12 +258,15 @@ impl Source for ThreadSource {
     }
 }
 
-pub type SchedSource = ThreadSource;
+/// Adds `stats` to process `tgid`'s sum in `sums`.
+fn add_to(sums: &mut HashMap<u32, SchedStats>, tgid: u32, stats: &SchedStats) {
+    sums.entry(tgid).or_insert(SchedStats::ZERO).add(stats);
+}
 
 /// Creates an entry for every thread alive now, before the programs attach, so their first
 /// context switches need no allocation in the scheduler path (the on-demand allocator has
 /// little cached then). The programs adopt them at first use. Returns how many.
-fn prepopulate(source: &mut SchedSource, max_threads: u32) -> anyhow::Result<usize> {
+fn prepopulate(source: &mut ThreadSource, max_threads: u32) -> anyhow::Result<usize> {
     // BPF_NOEXIST: never overwrite an entry the programs already fill.
     const BPF_NOEXIST: u64 = 1;
     let mut n = 0;
@@ -357,7 +301,7 @@ fn prepopulate(source: &mut SchedSource, max_threads: u32) -> anyhow::Result<usi
     Ok(n)
 }
 
-type State = ProcessState<SchedSource>;
+type State = ProcessState<ThreadSource>;
 
 /// The running probe, as the agent sees it.
 pub struct SchedProbe {
@@ -380,7 +324,7 @@ pub fn start(ctx: StartCtx<'_>) -> anyhow::Result<super::Started> {
     };
     let live = aya::maps::HashMap::try_from(take(names::MAP_THREADS)?)?;
     let dead = aya::maps::HashMap::try_from(take(names::MAP_DEAD_THREADS)?)?;
-    let mut source = SchedSource::new(live, dead, ctx.config.max_threads);
+    let mut source = ThreadSource::new(live, dead, ctx.config.max_threads);
     let existing = prepopulate(&mut source, ctx.config.max_threads)?;
     log::debug!("pre-created {existing} per-thread entries");
     let state = Arc::new(Mutex::new(ProcessState::new(source, ctx.config)));

@@ -140,10 +140,7 @@ fn entry<const SWITCH: bool>(task: *const u8, tid: u32, start: u64) -> Option<*m
                 return Some(t);
             }
             if have == 0 {
-                unsafe {
-                    (*t).state.start_ns = start;
-                    (*t).state.tgid = task_tgid(task);
-                }
+                claim(t, task, start);
                 return Some(t);
             }
         }
@@ -167,11 +164,17 @@ fn entry<const SWITCH: bool>(task: *const u8, tid: u32, start: u64) -> Option<*m
         return None;
     }
     let t = create(tid)?;
+    claim(t, task, start);
+    Some(t)
+}
+
+/// Makes a new entry, or one the agent created, the entry of `task` (started at `start`).
+#[inline(always)]
+fn claim(t: *mut ThreadSched, task: *const u8, start: u64) {
     unsafe {
         (*t).state.start_ns = start;
         (*t).state.tgid = task_tgid(task);
     }
-    Some(t)
 }
 
 /// Whether the thread's runs are still charged: not past sched_process_exit (its last run
