@@ -1,6 +1,6 @@
 //! The running agent: loads the object, attaches requested probes, and gathers metrics.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -24,12 +24,19 @@ pub struct App {
     pub config: Config,
     kernel_release: String,
     pub probes: Vec<ProbeStatus>,
-    running: Vec<Box<dyn Probe>>,
+    running: Vec<Running>,
     /// Owns every program and link: dropping it detaches everything.
     ebpf: Mutex<Ebpf>,
     _bpf_stats: Option<OwnedFd>,
     /// Whether the Kubernetes pod watch runs (its self-metrics are exported).
     pub kubernetes: bool,
+}
+
+/// A running probe and the programs that are its own (the shared lifecycle programs belong
+/// to the lifecycle's entry), whose skipped runs are its drops.
+struct Running {
+    probe: Box<dyn Probe>,
+    programs: Vec<&'static str>,
 }
 
 fn kubernetes_families() -> Vec<MetricFamily> {
@@ -93,7 +100,15 @@ impl App {
             };
             let result = match probes::start(name, ctx) {
                 Ok(started) => {
-                    running.push(started.probe);
+                    running.push(Running {
+                        probe: started.probe,
+                        programs: started
+                            .programs
+                            .iter()
+                            .copied()
+                            .filter(|p| !lifecycle.programs.contains(p))
+                            .collect(),
+                    });
                     tasks.extend(started.tasks);
                     Ok(started.programs)
                 }
@@ -108,9 +123,13 @@ impl App {
             };
             probes.push(ProbeStatus { name, result });
         }
+        let lifecycle_programs = lifecycle.programs.clone();
         if let Some((task, health)) = lifecycle.start()? {
             tasks.push(task);
-            running.push(health);
+            running.push(Running {
+                probe: health,
+                programs: lifecycle_programs,
+            });
         }
         Ok((
             App {
@@ -140,11 +159,17 @@ impl App {
         let mut tracked = Family::new(&catalogue::TRACKED_PROCESSES);
         let mut overflow = Family::new(&catalogue::SERIES_OVERFLOW);
         let mut tracked_total = 0;
-        for probe in &self.running {
+        let skipped = self.recursion_misses();
+        for Running { probe, programs } in &self.running {
             out.extend(probe.families(arrived));
             for (reason, v) in probe.drops() {
                 dropped.value(&[("probe", probe.name()), ("reason", reason)], v as f64);
             }
+            let missed: u64 = programs.iter().filter_map(|p| skipped.get(*p)).sum();
+            dropped.value(
+                &[("probe", probe.name()), ("reason", "recursion_miss")],
+                missed as f64,
+            );
             for m in probe.maps() {
                 entries.value(&[("map", m.map)], m.entries as f64);
                 if let Some(c) = m.capacity {
@@ -187,6 +212,24 @@ impl App {
         }
         if self.kubernetes {
             out.extend(kubernetes_families());
+        }
+        out
+    }
+
+    /// Runs the kernel skipped, by program (see `prog_info::recursion_misses`); a program
+    /// whose info cannot be read is left out and logged.
+    fn recursion_misses(&self) -> std::collections::HashMap<String, u64> {
+        let ebpf = self.ebpf.lock().expect("ebpf lock poisoned");
+        let mut out = std::collections::HashMap::new();
+        for (name, prog) in ebpf.programs() {
+            // Variants we did not load have no fd.
+            let Ok(fd) = prog.fd() else { continue };
+            match probes::prog_info::recursion_misses(fd.as_fd()) {
+                Ok(n) => {
+                    out.insert(name.to_string(), n);
+                }
+                Err(e) => log::warn!("reading program info of {name}: {e}"),
+            }
         }
         out
     }

@@ -102,6 +102,22 @@ fn a_hundred_concurrent_scrapes_are_all_served() {
         assert!(body.contains("stallwatch_build_info"), "a whole exposition");
     }
     assert_eq!(agent.get("/healthz").0, 200);
+    // The runs the kernel skipped are read from every program's info at each scrape.
+    let m = agent.scrape();
+    for probe in ["sched", "tcp", "gc", "lifecycle"] {
+        assert!(
+            m.has_labels(
+                "stallwatch_events_dropped_total",
+                &[("probe", probe), ("reason", "recursion_miss")]
+            ),
+            "{probe}: no recursion_miss series"
+        );
+    }
+    assert!(
+        !agent.log().contains("reading program info"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

@@ -213,7 +213,7 @@ pub const EVENTS_DROPPED: MetricDef = MetricDef {
     help: "Events the agent could not account for, by probe and reason (map full, ring buffer full, missed exit...).",
     labels: &["probe", "reason"],
     per_process: false,
-    source: "SW_COUNTERS per-CPU array, agent",
+    source: "SW_COUNTERS per-CPU array, bpf_prog_info.recursion_misses, agent",
 };
 
 pub const TRACKED_PROCESSES: MetricDef = MetricDef {

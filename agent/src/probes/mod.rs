@@ -6,6 +6,7 @@ pub mod batch;
 pub mod gc;
 pub mod lifecycle;
 pub mod process;
+pub mod prog_info;
 pub mod sched;
 pub mod syscalls;
 pub mod tcp;
