@@ -308,9 +308,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     ));
     report.push_str(&format!(
         "CPU vulnerability mitigations in force (they make every call and return in BPF \
-         helpers dearer): spectre_v2: {}; retbleed: {}.\n\n",
+         helpers dearer): spectre_v2: {}; retbleed: {}; spec_rstack_overflow (SRSO; its \
+         \"Safe RET\" sends every kernel return through a thunk): {}.\n\n",
         vulnerability("spectre_v2"),
         vulnerability("retbleed"),
+        vulnerability("spec_rstack_overflow"),
     ));
     report.push_str(&format!(
         "## BPF cost per event (sched probe vs libbpf-tools, same run)\n\n\

@@ -111,6 +111,11 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let Some(s) = SW_SOCKS.get(sk) else {
+        if old == TCP_SYN_SENT && new == TCP_CLOSE {
+            // A connect outcome with no one to give it to (a connect older than the agent,
+            // or its state could not be created).
+            count(Counter::TcpUntracked);
+        }
         return 0;
     };
     let s = unsafe { &mut *s };
