@@ -232,7 +232,7 @@ fn connects_are_counted_for_client_and_server_v6() {
 fn closed_port_is_refused(family: Family) {
     let net = Net::new("r", family);
     let agent = agent();
-    let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(9999), "0"]);
+    let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(9999), "0", "refused"]);
     client.expect_done(Duration::from_secs(10));
     let m = agent.scrape();
     let c = client.pid_label();
@@ -277,7 +277,7 @@ fn dropped_syns_time_out(family: Family) {
     let before = net.client_retrans_segs();
     // TCP_SYNCNT=2: the kernel retransmits the SYN for a time budget set by the count (the
     // first retransmits are linear, net.ipv4.tcp_syn_linear_timeouts), then gives up.
-    let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(7777), "2"]);
+    let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(7777), "2", "timeout"]);
     client.expect_done(Duration::from_secs(30));
     let retrans_segs = net.client_retrans_segs() - before;
     let m = agent.scrape();
@@ -326,7 +326,8 @@ fn icmp_unreachable_is_classified_unreachable() {
         let net = Net::new("u", family);
         net.reject_unreachable(6666);
         let agent = agent();
-        let mut client = Workload::start_in(&net.a, &["tcp-try", &net.addr(6666), "1"]);
+        let mut client =
+            Workload::start_in(&net.a, &["tcp-try", &net.addr(6666), "1", "unreachable"]);
         client.expect_done(Duration::from_secs(30));
         let m = agent.scrape();
         let c = client.pid_label();

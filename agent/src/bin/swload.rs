@@ -24,7 +24,9 @@
 //!                                wait for a queued connection and leave it queued MS ms; then
 //!                                accept COUNT connections and echo each until EOF
 //!   swload tcp-connect ADDR COUNT  COUNT sequential connections: send a byte, read the echo, close
-//!   swload tcp-try ADDR SYNCNT     one connect (TCP_SYNCNT=SYNCNT if > 0) that is expected to fail
+//!   swload tcp-try ADDR SYNCNT [refused|timeout|unreachable]
+//!                                  one connect (TCP_SYNCNT=SYNCNT if > 0) that is expected to
+//!                                  fail (with that error, if given)
 //!   swload tcp-pingpong ADDR MS COUNT  one connection, COUNT echoes MS ms apart, kept open
 //!
 //! With SWLOAD_GATE=1 the workload first prints `ready`, then waits for SIGUSR1 (in
@@ -41,7 +43,7 @@ fn usage() -> ! {
          idle-threads N | thread-exec COUNT MS | \
          vfork MS | futex COUNT MS | \
          piperead MS | getppid COUNT | openmissing COUNT | tcp-serve ADDR COUNT MS | \
-         tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT | tcp-pingpong ADDR MS COUNT"
+         tcp-connect ADDR COUNT | tcp-try ADDR SYNCNT [refused|timeout|unreachable] | tcp-pingpong ADDR MS COUNT"
     );
     std::process::exit(2);
 }
@@ -395,9 +397,22 @@ fn main() {
         Some("tcp-try") => {
             let addr: std::net::SocketAddr = arg(&args, 2);
             let syncnt: i32 = arg(&args, 3);
+            // Optional: the failure the test is built on, so a different one (e.g. an
+            // unreachable where a timeout was meant) fails the workload, not the agent.
+            let expect = match args.get(4).map(String::as_str) {
+                None => None,
+                Some("refused") => Some(libc::ECONNREFUSED),
+                Some("timeout") => Some(libc::ETIMEDOUT),
+                Some("unreachable") => Some(libc::EHOSTUNREACH),
+                Some(_) => usage(),
+            };
             match connect_with_syncnt(addr, syncnt) {
                 Ok(()) => {
                     eprintln!("swload: connect {addr} succeeded, expected a failure");
+                    std::process::exit(1);
+                }
+                Err(e) if expect.is_some_and(|want| e.raw_os_error() != Some(want)) => {
+                    eprintln!("swload: connect {addr}: {e}, expected {}", args[4]);
                     std::process::exit(1);
                 }
                 Err(e) => eprintln!("swload: connect {addr}: {e} (expected)"),

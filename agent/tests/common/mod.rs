@@ -369,10 +369,15 @@ impl Workload {
 
     /// Waits (up to `timeout`) until the workload reports done.
     pub fn expect_done(&mut self, timeout: Duration) {
-        let line = self
-            .lines
-            .recv_timeout(timeout)
-            .expect("workload did not finish in time");
+        let line = match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("workload did not finish in {timeout:?}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("workload exited before reporting done (its stderr says why)")
+            }
+        };
         self.tids = line
             .strip_prefix("done")
             .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
