@@ -1,5 +1,6 @@
 //! The running agent: loads the object, attaches requested probes, and gathers metrics.
 
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,6 +29,8 @@ pub struct App {
     /// Owns every program and link: dropping it detaches everything.
     ebpf: Mutex<Ebpf>,
     _bpf_stats: Option<OwnedFd>,
+    /// Programs whose info could not be read, already logged.
+    info_warned: Mutex<HashSet<String>>,
     /// Whether the Kubernetes pod watch runs (its self-metrics are exported).
     pub kubernetes: bool,
 }
@@ -139,6 +142,7 @@ impl App {
                 running,
                 ebpf: Mutex::new(ebpf),
                 _bpf_stats: bpf_stats,
+                info_warned: Mutex::default(),
                 kubernetes: false,
             },
             tasks,
@@ -165,11 +169,18 @@ impl App {
             for (reason, v) in probe.drops() {
                 dropped.value(&[("probe", probe.name()), ("reason", reason)], v as f64);
             }
-            let missed: u64 = programs.iter().filter_map(|p| skipped.get(*p)).sum();
-            dropped.value(
-                &[("probe", probe.name()), ("reason", "recursion_miss")],
-                missed as f64,
-            );
+            // Only a whole sum: one program left out would make the counter go down. No
+            // series where the kernel does not count them.
+            let missed: Option<u64> = programs
+                .iter()
+                .map(|p| skipped.get(*p).copied().flatten())
+                .sum();
+            if let Some(missed) = missed {
+                dropped.value(
+                    &[("probe", probe.name()), ("reason", "recursion_miss")],
+                    missed as f64,
+                );
+            }
             for m in probe.maps() {
                 entries.value(&[("map", m.map)], m.entries as f64);
                 if let Some(c) = m.capacity {
@@ -216,11 +227,12 @@ impl App {
         out
     }
 
-    /// Runs the kernel skipped, by program (see `prog_info::recursion_misses`); a program
-    /// whose info cannot be read is left out and logged.
-    fn recursion_misses(&self) -> std::collections::HashMap<String, u64> {
+    /// Runs the kernel skipped, by loaded program (see `prog_info::recursion_misses`;
+    /// `None`: this kernel does not count them). A program whose info cannot be read is left
+    /// out, and logged once.
+    fn recursion_misses(&self) -> HashMap<String, Option<u64>> {
         let ebpf = self.ebpf.lock().expect("ebpf lock poisoned");
-        let mut out = std::collections::HashMap::new();
+        let mut out = HashMap::new();
         for (name, prog) in ebpf.programs() {
             // Variants we did not load have no fd.
             let Ok(fd) = prog.fd() else { continue };
@@ -228,7 +240,12 @@ impl App {
                 Ok(n) => {
                     out.insert(name.to_string(), n);
                 }
-                Err(e) => log::warn!("reading program info of {name}: {e}"),
+                Err(e) => {
+                    let mut warned = self.info_warned.lock().expect("lock poisoned");
+                    if warned.insert(name.to_string()) {
+                        log::warn!("reading program info of {name}: {e} (its probe's recursion_miss is not exported)");
+                    }
+                }
             }
         }
         out

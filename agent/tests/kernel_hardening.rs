@@ -508,6 +508,9 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
             .recv_timeout(Duration::from_secs(10))
             .unwrap()
             .starts_with("done"));
+        // Read once it blocks reading stdin: the switch into that read may come after
+        // `done` reaches us.
+        quiesce(pid);
         let alpha_switches = ctxt_switches(pid).0;
         drop(a.stdin.take()); // ends it
         let _ = a.wait();
@@ -522,6 +525,7 @@ fn ten_thousand_short_lived_processes_and_a_reused_pid_leave_no_stale_state() {
         }
     }
     let (pid, alpha_switches, mut b) = reused.expect("could not get a pid reused in 20 tries");
+    quiesce(pid);
     let beta_switches = ctxt_switches(pid).0;
     let ok = wait_until(Duration::from_secs(15), || {
         let m = agent.scrape();

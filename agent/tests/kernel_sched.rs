@@ -26,29 +26,6 @@ fn offcpu_in_bucket(m: &Metrics, pid: &str, reason: &str, shift: u32) -> f64 {
     cumulative(shift) - cumulative(shift - 1)
 }
 
-/// Waits until every thread of `pid` sleeps and its switch counts stop moving, so /proc and
-/// the agent are compared at a standstill.
-fn quiesce(pid: u32) {
-    let settled = wait_until(Duration::from_secs(10), || {
-        let states_ok = all_tids(pid).iter().all(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, r)| r.trim_start().starts_with('S'))
-                })
-                .unwrap_or(false)
-        });
-        if !states_ok {
-            return false;
-        }
-        let a = ctxt_switches(pid);
-        std::thread::sleep(Duration::from_millis(100));
-        a == ctxt_switches(pid)
-    });
-    assert!(settled, "workload {pid} never settled");
-}
-
 #[test]
 fn runqueue_latency_matches_schedstat_run_delay() {
     let Some(_g) = kernel_or_skip("runqueue_latency_matches_schedstat_run_delay") else {

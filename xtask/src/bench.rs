@@ -306,13 +306,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .trim(),
         0.0, // filled below
     ));
+    let srso = vulnerability("spec_rstack_overflow");
+    let srso_note = if srso.contains("Safe RET") {
+        " (\"Safe RET\" sends every kernel return through a thunk)"
+    } else {
+        ""
+    };
     report.push_str(&format!(
         "CPU vulnerability mitigations in force (they make every call and return in BPF \
-         helpers dearer): spectre_v2: {}; retbleed: {}; spec_rstack_overflow (SRSO; its \
-         \"Safe RET\" sends every kernel return through a thunk): {}.\n\n",
+         helpers dearer): spectre_v2: {}; retbleed: {}; spec_rstack_overflow (SRSO): \
+         {srso}{srso_note}.\n\n",
         vulnerability("spectre_v2"),
         vulnerability("retbleed"),
-        vulnerability("spec_rstack_overflow"),
     ));
     report.push_str(&format!(
         "## BPF cost per event (sched probe vs libbpf-tools, same run)\n\n\

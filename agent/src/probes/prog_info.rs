@@ -1,47 +1,43 @@
 //! What the kernel knows about a loaded program that aya's `ProgramInfo` does not expose.
 
 use std::io;
-use std::mem::size_of;
+use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use aya_obj::generated::bpf_prog_info;
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// `union bpf_attr`'s `info` member.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// Runs of the program the kernel skipped because a BPF program was already running on that
-/// CPU (`bpf_prog_info.recursion_misses`, v5.12+): e.g. a socket timer in softirq interrupting
-/// the same tracepoint program in process context. Counted whether or not run-time stats are
-/// enabled. Kernels before v5.12 leave the field out and report 0.
-pub fn recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
-    // SAFETY: bpf_prog_info is plain integers; all zeroes is a valid value.
+/// Runs of the program the kernel skipped instead of nesting them: a tracepoint program
+/// (tp_btf, raw tracepoint) whose own run this CPU is already inside, e.g. a TCP timer in
+/// softirq interrupting the same program in process context; a kprobe or uprobe program
+/// while any such program runs on the CPU. `bpf_prog_info.recursion_misses` (v5.12+; program
+/// types gained the count in later kernels). `None` if this kernel's `bpf_prog_info` has no
+/// such field: it does not count them, so there is nothing to report.
+pub fn recursion_misses(prog: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    // SAFETY: bpf_attr and bpf_prog_info are plain integers (and unions of them); all zeroes
+    // is a valid value of each.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of::<bpf_prog_info>() as u32,
-        info: &mut info as *mut bpf_prog_info as u64,
-    };
-    // SAFETY: attr points at an info buffer of info_len bytes that outlives the call; the
-    // kernel writes at most info_len bytes.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = prog.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_prog_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_prog_info as u64;
+    // SAFETY: attr.info points at an info buffer of info_len bytes that outlives the call;
+    // the kernel writes at most info_len bytes there, and back into attr.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            size_of::<InfoAttr>() as u32,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut bpf_attr,
+            size_of::<bpf_attr>() as u32,
         )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.recursion_misses)
+    // The kernel writes back how much of the struct it knows.
+    // SAFETY: the `info` member is the one set above and filled by the kernel.
+    let known = unsafe { attr.info.info_len } as usize;
+    let end = offset_of!(bpf_prog_info, recursion_misses) + size_of::<u64>();
+    Ok((known >= end).then_some(info.recursion_misses))
 }
 
 #[cfg(test)]

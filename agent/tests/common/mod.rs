@@ -469,6 +469,29 @@ pub fn all_tids(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Waits until every thread of `pid` sleeps and its switch counts stop moving, so /proc and
+/// the agent are compared at a standstill.
+pub fn quiesce(pid: u32) {
+    let settled = wait_until(Duration::from_secs(10), || {
+        let states_ok = all_tids(pid).iter().all(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('S'))
+                })
+                .unwrap_or(false)
+        });
+        if !states_ok {
+            return false;
+        }
+        let a = ctxt_switches(pid);
+        std::thread::sleep(Duration::from_millis(100));
+        a == ctxt_switches(pid)
+    });
+    assert!(settled, "workload {pid} never settled");
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < timeout {

@@ -47,7 +47,7 @@ pub enum Counter {
     TcpProcMapFull = 10,
     /// A TCP per-process entry could not be allocated.
     TcpProcAllocFailed = 11,
-    /// A retransmit, reset or failed connect on a socket without state (opened before the
+    /// A retransmit, reset or connect outcome on a socket without state (opened before the
     /// agent started, or whose state could not be created): not attributed to a process.
     TcpUntracked = 12,
     /// Socket states created / deleted; the difference is the socket map's size.

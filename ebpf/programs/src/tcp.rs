@@ -111,9 +111,10 @@ pub fn sw_tcp_state(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let Some(s) = SW_SOCKS.get(sk) else {
-        if old == TCP_SYN_SENT && new == TCP_CLOSE {
+        if old == TCP_SYN_SENT && (new == TCP_ESTABLISHED || new == TCP_CLOSE) {
             // A connect outcome with no one to give it to (a connect older than the agent,
-            // or its state could not be created).
+            // or one whose state could not be created: counted there once per socket, here
+            // as the event lost, like its retransmits).
             count(Counter::TcpUntracked);
         }
         return 0;
