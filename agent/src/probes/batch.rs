@@ -10,28 +10,12 @@
 use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::io;
-use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{HashMap, IterableMap, MapData};
 use aya::Pod;
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
-
-/// `union bpf_attr`'s `batch` member.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
+use super::bpf_sys::{bpf_cmd, sys_bpf, zeroed_attr};
 
 /// Entries per syscall to start with; doubled if one bucket holds more.
 const CHUNK: usize = 256;
@@ -125,9 +109,9 @@ fn batch<K: Pod, V: Pod>(
 ) -> (Vec<K>, Vec<V>, Option<io::Error>) {
     let fd = map.map().fd().as_fd().as_raw_fd();
     let cmd = if delete {
-        BPF_MAP_LOOKUP_AND_DELETE_BATCH
+        bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_BATCH
     } else {
-        BPF_MAP_LOOKUP_BATCH
+        bpf_cmd::BPF_MAP_LOOKUP_BATCH
     };
     let mut keys: Vec<K> = Vec::with_capacity(expected + CHUNK);
     let mut values: Vec<V> = Vec::with_capacity(expected + CHUNK);
@@ -138,37 +122,27 @@ fn batch<K: Pod, V: Pod>(
     loop {
         keys.reserve(chunk);
         values.reserve(chunk);
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::addr_of!(cursor) as u64
-            },
-            out_batch: std::ptr::addr_of_mut!(next) as u64,
-            // Straight into the vectors' spare room: no copy after the kernel's.
-            keys: keys.spare_capacity_mut().as_mut_ptr() as u64,
-            values: values.spare_capacity_mut().as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd as u32,
-            ..Default::default()
+        let mut attr = zeroed_attr();
+        attr.batch.in_batch = if first {
+            0
+        } else {
+            std::ptr::addr_of!(cursor) as u64
         };
-        // SAFETY: `attr` is a valid bpf_attr prefix of the size passed. The kernel writes at
-        // most `count` keys and values of the map's key and value sizes (those of `K` and
-        // `V`, which aya checked) into spare room reserved for `chunk` of each, and a u32
-        // bucket index into `next`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                std::ptr::addr_of_mut!(attr),
-                size_of::<BatchAttr>(),
-            )
-        };
-        let error = (r < 0).then(io::Error::last_os_error);
+        attr.batch.out_batch = std::ptr::addr_of_mut!(next) as u64;
+        // Straight into the vectors' spare room: no copy after the kernel's.
+        attr.batch.keys = keys.spare_capacity_mut().as_mut_ptr() as u64;
+        attr.batch.values = values.spare_capacity_mut().as_mut_ptr() as u64;
+        attr.batch.count = chunk as u32;
+        attr.batch.map_fd = fd as u32;
+        // SAFETY: the kernel writes at most `count` keys and values of the map's key and
+        // value sizes (those of `K` and `V`, which aya checked) into spare room reserved for
+        // `chunk` of each, and a u32 bucket index into `next`.
+        let error = unsafe { sys_bpf(cmd, &mut attr) }.err();
         // On success, or on an error after some buckets were copied (the kernel then writes
         // back how many: fewer than asked), `count` entries are valid. An error before the
         // walk began leaves `count` as we set it.
-        let n = attr.count as usize;
+        // SAFETY: `batch` is the member set above and written back by the kernel.
+        let n = unsafe { attr.batch.count } as usize;
         let n = if error.is_none() || n < chunk { n } else { 0 };
         // SAFETY: the kernel initialised the first `n` elements of the spare room.
         unsafe {

@@ -3,6 +3,7 @@
 //! `lifecycle` hold what every per-process probe shares.
 
 pub mod batch;
+pub mod bpf_sys;
 pub mod gc;
 pub mod lifecycle;
 pub mod process;

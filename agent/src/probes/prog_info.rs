@@ -4,7 +4,9 @@ use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+use aya_obj::generated::bpf_prog_info;
+
+use super::bpf_sys::{bpf_cmd, sys_bpf, zeroed_attr};
 
 /// Runs of the program the kernel skipped instead of nesting them: a tracepoint program
 /// (tp_btf, raw tracepoint) whose own run this CPU is already inside, e.g. a TCP timer in
@@ -13,26 +15,15 @@ use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 /// types gained the count in later kernels). `None` if this kernel's `bpf_prog_info` has no
 /// such field: it does not count them, so there is nothing to report.
 pub fn recursion_misses(prog: BorrowedFd<'_>) -> io::Result<Option<u64>> {
-    // SAFETY: bpf_attr and bpf_prog_info are plain integers (and unions of them); all zeroes
-    // is a valid value of each.
+    // SAFETY: bpf_prog_info is plain integers; all zeroes is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    let mut attr = zeroed_attr();
     attr.info.bpf_fd = prog.as_raw_fd() as u32;
     attr.info.info_len = size_of::<bpf_prog_info>() as u32;
     attr.info.info = &mut info as *mut bpf_prog_info as u64;
     // SAFETY: attr.info points at an info buffer of info_len bytes that outlives the call;
-    // the kernel writes at most info_len bytes there, and back into attr.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut bpf_attr,
-            size_of::<bpf_attr>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // the kernel writes at most info_len bytes there.
+    unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     // The kernel writes back how much of the struct it knows.
     // SAFETY: the `info` member is the one set above and filled by the kernel.
     let known = unsafe { attr.info.info_len } as usize;
