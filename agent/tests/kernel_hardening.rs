@@ -102,7 +102,8 @@ fn a_hundred_concurrent_scrapes_are_all_served() {
         assert!(body.contains("stallwatch_build_info"), "a whole exposition");
     }
     assert_eq!(agent.get("/healthz").0, 200);
-    // The runs the kernel skipped are read from every program's info at each scrape.
+    // The runs the kernel skipped are read from every program's info at each scrape: a
+    // probe has the series only if all its programs' info was read.
     let m = agent.scrape();
     for probe in ["sched", "tcp", "gc", "lifecycle"] {
         assert!(
@@ -110,14 +111,10 @@ fn a_hundred_concurrent_scrapes_are_all_served() {
                 "stallwatch_events_dropped_total",
                 &[("probe", probe), ("reason", "recursion_miss")]
             ),
-            "{probe}: no recursion_miss series"
+            "{probe}: no recursion_miss series; log:\n{}",
+            agent.log()
         );
     }
-    assert!(
-        !agent.log().contains("reading program info"),
-        "{}",
-        agent.log()
-    );
 }
 
 #[test]

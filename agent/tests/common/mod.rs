@@ -353,31 +353,27 @@ impl Workload {
 
     /// Waits (up to `timeout`) for the workload to print `line`.
     pub fn expect_line(&self, line: &str, timeout: Duration) {
-        let got = self
-            .lines
-            .recv_timeout(timeout)
-            .unwrap_or_else(|_| panic!("workload did not print {line:?} in time"));
+        let got = self.next_line(timeout);
         assert_eq!(got, line, "unexpected workload output");
     }
 
-    /// The workload's next line (waiting up to `timeout`).
+    /// The workload's next line (waiting up to `timeout`); a workload that hung and one that
+    /// exited fail differently.
     pub fn next_line(&self, timeout: Duration) -> String {
-        self.lines
-            .recv_timeout(timeout)
-            .expect("workload printed nothing in time")
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("workload printed nothing in {timeout:?}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("workload exited before its next line (its stderr says why)")
+            }
+        }
     }
 
     /// Waits (up to `timeout`) until the workload reports done.
     pub fn expect_done(&mut self, timeout: Duration) {
-        let line = match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                panic!("workload did not finish in {timeout:?}")
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                panic!("workload exited before reporting done (its stderr says why)")
-            }
-        };
+        let line = self.next_line(timeout);
         self.tids = line
             .strip_prefix("done")
             .unwrap_or_else(|| panic!("unexpected workload output {line:?}"))
@@ -396,11 +392,7 @@ impl Workload {
     /// Starts `swload args...` gated: it has started up but does no work until `go`.
     pub fn gated(args: &[&str]) -> Workload {
         let w = Workload::spawn(args, true);
-        let line = w
-            .lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("workload did not start");
-        assert_eq!(line, "ready", "unexpected workload output");
+        w.expect_line("ready", Duration::from_secs(10));
         w
     }
 
